@@ -1,0 +1,65 @@
+"""The node's Prometheus metrics, with Kura's names.
+
+Every process of a node (HTTP workers, the REAPI process, the replicator)
+records into the multiprocess directory named by ``PROMETHEUS_MULTIPROC_DIR``
+(set by the gunicorn master before any child starts); ``/metrics`` aggregates
+them. Without that variable (unit tests) the default in-process registry is used.
+"""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+HTTP_REQUESTS = Counter(
+    "kura_http_requests_total", "HTTP requests by route template and status",
+    ["route", "method", "status"])
+HTTP_DURATION = Histogram(
+    "kura_http_request_duration_seconds", "HTTP request latency by route template",
+    ["route"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+ARTIFACT_READS = Counter(
+    "kura_artifact_reads_total", "Artifact reads by producer and result (hit, miss, error)",
+    ["producer", "result"])
+ARTIFACT_WRITES = Counter(
+    "kura_artifact_writes_total", "Artifact writes by producer and result (created, updated, exists, "
+    "rejected, error)", ["producer", "result"])
+ARTIFACT_READ_BYTES = Counter(
+    "kura_artifact_read_bytes_total", "Artifact body bytes served", ["producer"])
+ARTIFACT_WRITE_BYTES = Counter(
+    "kura_artifact_write_bytes_total", "Artifact body bytes stored", ["producer"])
+SERVING_PATHS = Counter(
+    "kura_artifact_serving_paths_total",
+    "How each download was served: sendfile (zero-copy from the segment), inline (from LMDB), "
+    "copy (user-space fallback)", ["path"])
+SEGMENTS_CREATED = Counter("kura_segments_created_total", "Segment files created")
+SEGMENT_ROTATIONS = Counter("kura_segment_rotations_total", "Active segments sealed and rotated")
+EVICTED_SEGMENTS = Counter("kura_eviction_segments_total", "Segments evicted (unlinked) for capacity")
+EVICTED_BYTES = Counter("kura_eviction_bytes_total", "Segment bytes reclaimed by eviction")
+EVICTED_ARTIFACTS = Counter("kura_eviction_artifacts_total", "Artifacts dropped by eviction")
+COPIED_FORWARD = Counter(
+    "kura_eviction_copied_forward_total", "Recently read artifacts copied out of a segment before "
+    "it was evicted")
+BACKPRESSURE = Counter(
+    "kura_backpressure_rejections_total", "Writes rejected with 429 / RESOURCE_EXHAUSTED by budget",
+    ["budget"])
+MULTIPART_EXPIRED = Counter(
+    "kura_multipart_uploads_expired_total", "Abandoned multipart uploads removed by the janitor")
+PROCESS_RSS = Gauge(
+    "kura_process_resident_memory_bytes", "Resident memory of each node process", ["role"],
+    multiprocess_mode="livesum")
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def scrape_registry() -> CollectorRegistry:
+    """A registry that reads every process's metrics (multiprocess mode) or this one's."""
+    from prometheus_client import REGISTRY, multiprocess
+
+    path = multiprocess_dir()
+    if not path:
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    return registry

@@ -1,0 +1,152 @@
+"""State shared by every process of one node through a small memory-mapped file.
+
+The gunicorn master creates (and wipes) ``<data_dir>/run/node-state`` at start.
+The header holds node-wide flags (draining, ready, generation, ...). Each
+process claims one slot for its own counters (in-flight requests, bytes staged
+in the tmp dir); only the owner writes its slot, anyone may sum them. Aligned
+8-byte stores are atomic on the platforms we run on, so no lock is needed for
+reads and single-writer updates.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+from typing import Iterator
+
+MAGIC = 0x4B5552415354  # "KURAST"
+HEADER_FIELDS = (
+    "magic", "draining", "ready", "generation", "discovery_done", "members",
+    "bootstrap_known", "bootstrap_completed", "bootstrap_inflight", "started_ms",
+)
+HEADER_WORDS = 16
+SLOT_FIELDS = ("pid", "kind", "inflight", "tmp_bytes")
+SLOT_WORDS = 4
+MAX_SLOTS = 128
+SIZE = 8 * (HEADER_WORDS + SLOT_WORDS * MAX_SLOTS)
+
+KIND_HTTP = 1
+KIND_REAPI = 2
+KIND_REPLICATOR = 3
+KIND_OTHER = 4
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+class NodeState:
+    """One process's view of the shared node state file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < SIZE:
+                os.ftruncate(fd, SIZE)
+            self._fd = fd
+            self._map = mmap.mmap(fd, SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._words = memoryview(self._map).cast("q")
+        if self._words[0] != MAGIC:
+            self._words[0] = MAGIC
+        self._slot = -1
+
+    @classmethod
+    def reset(cls, path: str) -> "NodeState":
+        """Wipe the file (master, at node start: no other process of the node is alive)."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * SIZE)
+        return cls(path)
+
+    # -- header -----------------------------------------------------------------
+    def get(self, name: str) -> int:
+        return self._words[HEADER_FIELDS.index(name)]
+
+    def set(self, name: str, value: int) -> None:
+        self._words[HEADER_FIELDS.index(name)] = int(value)
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.get("draining"))
+
+    # -- slots ------------------------------------------------------------------
+    def _base(self, slot: int) -> int:
+        return HEADER_WORDS + slot * SLOT_WORDS
+
+    def claim_slot(self, kind: int) -> int:
+        """Claim a free slot (or one of a dead process) for this process."""
+        pid = os.getpid()
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            for slot in range(MAX_SLOTS):
+                base = self._base(slot)
+                owner = self._words[base]
+                if owner == pid or not pid_alive(owner):
+                    self._words[base + 1] = kind
+                    self._words[base + 2] = 0
+                    self._words[base + 3] = 0
+                    self._words[base] = pid
+                    self._slot = slot
+                    return slot
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        raise RuntimeError("node state has no free process slot")
+
+    def release_pid(self, pid: int) -> None:
+        """Forget a process that exited (master, from child_exit)."""
+        for slot in range(MAX_SLOTS):
+            base = self._base(slot)
+            if self._words[base] == pid:
+                self._words[base + 2] = 0
+                self._words[base + 3] = 0
+                self._words[base] = 0
+
+    def _own(self) -> int:
+        if self._slot < 0 or self._words[self._base(self._slot)] != os.getpid():
+            self.claim_slot(KIND_OTHER)
+        return self._base(self._slot)
+
+    def add_inflight(self, delta: int) -> None:
+        base = self._own()
+        self._words[base + 2] += delta
+
+    def add_tmp_bytes(self, delta: int) -> None:
+        base = self._own()
+        self._words[base + 3] += delta
+
+    def _live_slots(self) -> Iterator[tuple[int, int, int, int]]:
+        for slot in range(MAX_SLOTS):
+            base = self._base(slot)
+            pid = self._words[base]
+            if pid and pid_alive(pid):
+                yield pid, self._words[base + 1], self._words[base + 2], self._words[base + 3]
+
+    def inflight(self, kind: int | None = None) -> int:
+        return sum(max(0, n) for _, k, n, _ in self._live_slots() if kind is None or k == kind)
+
+    def tmp_bytes(self) -> int:
+        return sum(max(0, b) for _, _, _, b in self._live_slots())
+
+    def close(self) -> None:
+        try:
+            self._words.release()
+            self._map.close()
+        finally:
+            os.close(self._fd)
+
+
+def state_path(data_dir: str) -> str:
+    return os.path.join(data_dir, "run", "node-state")
+

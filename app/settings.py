@@ -1,0 +1,241 @@
+"""Node configuration: the only reader of ``os.environ``.
+
+Every setting has an embedded default so that ``gunicorn -c gunicorn.conf.py``
+with no environment starts a working single node. A bad value raises
+``ConfigError`` naming the variable; the process refuses to start.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+
+class ConfigError(ValueError):
+    """A ``KURA_*`` variable has a value the node cannot run with."""
+
+
+def _parse_int(name: str, raw: str, minimum: int = 0) -> int:
+    try:
+        value = int(raw.strip().replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _parse_port(name: str, raw: str) -> int:
+    value = _parse_int(name, raw, minimum=0)
+    if value > 65535:
+        raise ConfigError(f"{name} must be a TCP port (0-65535), got {value}")
+    return value
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _parse_urls(name: str, raw: str) -> tuple[str, ...]:
+    urls = []
+    for part in raw.replace(" ", ",").split(","):
+        part = part.strip().rstrip("/")
+        if not part:
+            continue
+        if not (part.startswith("http://") or part.startswith("https://")):
+            raise ConfigError(f"{name} entries must be http(s) URLs, got {part!r}")
+        urls.append(part)
+    return tuple(dict.fromkeys(urls))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated, immutable node configuration (SPEC section 9)."""
+
+    port: int = 4000
+    grpc_port: int = 50051
+    internal_port: int = 7443
+    bind_host: str = "0.0.0.0"
+    tenant_id: str = "default"
+    region: str = "local"
+    data_dir: str = "./data"
+    tmp_dir: str = ""  # default: <data_dir>/tmp
+    node_url: str = ""  # default: http://<hostname>:<internal_port>
+    peers: tuple[str, ...] = ()
+    discovery_dns_name: str = ""
+    tmp_dir_max_bytes: int = 8 * GIB
+    cas_capacity_bytes: int = 0  # 0: 50 % of the data filesystem (resolved at start)
+    max_keyvalue_bytes: int = 1 * MIB
+    outbox_max_depth: int = 100_000
+    replication_bandwidth_limit_bytes_per_second: int = 512 * MIB
+    replication_public_latency_target_ms: int = 100
+    bootstrap_timeout_ms: int = 1_800_000
+    bootstrap_max_concurrent_peers: int = 8
+    multipart_upload_ttl_ms: int = 24 * 3600 * 1000
+    drain_completion_timeout_ms: int = 240_000
+    internal_tls_ca_cert_path: str = ""
+    internal_tls_cert_path: str = ""
+    internal_tls_key_path: str = ""
+    extension_enabled: bool = False
+    extension_script_path: str = ""
+    extension_hook_timeout_ms: int = 25
+    # Every KURA_EXTENSION_* variable, for the per-id signer / JWT / HTTP client settings.
+    extension_env: Mapping[str, str] = field(default_factory=dict)
+    http_workers: int = 0  # 0: one gevent worker per core
+    worker_connections: int = 1000
+    segment_max_bytes: int = 512 * MIB
+    lmdb_map_size: int = 64 * GIB
+    log_level: str = "info"
+
+    @property
+    def resolved_tmp_dir(self) -> str:
+        return self.tmp_dir or os.path.join(self.data_dir, "tmp")
+
+    @property
+    def resolved_node_url(self) -> str:
+        return self.node_url or f"http://{socket.gethostname()}:{self.internal_port}"
+
+    @property
+    def resolved_http_workers(self) -> int:
+        return self.http_workers or (os.cpu_count() or 1)
+
+    @property
+    def replication_peers(self) -> tuple[str, ...]:
+        """Static peers, excluding this node's own URL."""
+        own = self.resolved_node_url.rstrip("/")
+        return tuple(p for p in self.peers if p != own)
+
+    def with_overrides(self, **changes: Any) -> "Settings":
+        return replace(self, **changes)
+
+    def resolved_capacity_bytes(self) -> int:
+        """Capacity from the setting, or 50 % of the data filesystem; never above 80 %."""
+        os.makedirs(self.data_dir, exist_ok=True)
+        total = shutil.disk_usage(self.data_dir).total
+        ceiling = int(total * 0.8)
+        if self.cas_capacity_bytes:
+            return min(self.cas_capacity_bytes, ceiling)
+        return total // 2
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        parsers: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+            "KURA_PORT": ("port", _parse_port),
+            "KURA_GRPC_PORT": ("grpc_port", _parse_port),
+            "KURA_INTERNAL_PORT": ("internal_port", _parse_port),
+            "KURA_BIND_HOST": ("bind_host", _parse_str),
+            "KURA_TENANT_ID": ("tenant_id", _parse_tenant),
+            "KURA_REGION": ("region", _parse_str),
+            "KURA_DATA_DIR": ("data_dir", _parse_path),
+            "KURA_TMP_DIR": ("tmp_dir", _parse_path),
+            "KURA_NODE_URL": ("node_url", _parse_node_url),
+            "KURA_PEERS": ("peers", _parse_urls),
+            "KURA_DISCOVERY_DNS_NAME": ("discovery_dns_name", _parse_str),
+            "KURA_TMP_DIR_MAX_BYTES": ("tmp_dir_max_bytes", _positive),
+            "KURA_CAS_CAPACITY_BYTES": ("cas_capacity_bytes", _parse_int),
+            "KURA_MAX_KEYVALUE_BYTES": ("max_keyvalue_bytes", _positive),
+            "KURA_OUTBOX_MAX_DEPTH": ("outbox_max_depth", _positive),
+            "KURA_REPLICATION_BANDWIDTH_LIMIT_BYTES_PER_SECOND": (
+                "replication_bandwidth_limit_bytes_per_second", _parse_int),
+            "KURA_REPLICATION_PUBLIC_LATENCY_TARGET_MS": (
+                "replication_public_latency_target_ms", _positive),
+            "KURA_BOOTSTRAP_TIMEOUT_MS": ("bootstrap_timeout_ms", _positive),
+            "KURA_BOOTSTRAP_MAX_CONCURRENT_PEERS": ("bootstrap_max_concurrent_peers", _positive),
+            "KURA_MULTIPART_UPLOAD_TTL_MS": ("multipart_upload_ttl_ms", _positive),
+            "KURA_DRAIN_COMPLETION_TIMEOUT_MS": ("drain_completion_timeout_ms", _parse_int),
+            "KURA_INTERNAL_TLS_CA_CERT_PATH": ("internal_tls_ca_cert_path", _parse_str),
+            "KURA_INTERNAL_TLS_CERT_PATH": ("internal_tls_cert_path", _parse_str),
+            "KURA_INTERNAL_TLS_KEY_PATH": ("internal_tls_key_path", _parse_str),
+            "KURA_EXTENSION_ENABLED": ("extension_enabled", _parse_bool),
+            "KURA_EXTENSION_SCRIPT_PATH": ("extension_script_path", _parse_str),
+            "KURA_EXTENSION_HOOK_TIMEOUT_MS": ("extension_hook_timeout_ms", _positive),
+            "KURA_HTTP_WORKERS": ("http_workers", _parse_int),
+            "KURA_WORKER_CONNECTIONS": ("worker_connections", _positive),
+            "KURA_SEGMENT_MAX_BYTES": ("segment_max_bytes", _segment_size),
+            "KURA_LMDB_MAP_SIZE": ("lmdb_map_size", _segment_size),
+            "KURA_LOG_LEVEL": ("log_level", _parse_log_level),
+        }
+        values: dict[str, Any] = {}
+        for var, (attr, parse) in parsers.items():
+            raw = env.get(var)
+            if raw is None or (raw.strip() == "" and attr not in ("tmp_dir", "node_url")):
+                continue
+            values[attr] = parse(var, raw)
+        values["extension_env"] = {k: v for k, v in env.items() if k.startswith("KURA_EXTENSION_")}
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        tls = [self.internal_tls_ca_cert_path, self.internal_tls_cert_path, self.internal_tls_key_path]
+        if any(tls) and not all(tls):
+            raise ConfigError(
+                "KURA_INTERNAL_TLS_CA_CERT_PATH, KURA_INTERNAL_TLS_CERT_PATH and "
+                "KURA_INTERNAL_TLS_KEY_PATH must be set together")
+        ports = {"KURA_PORT": self.port, "KURA_GRPC_PORT": self.grpc_port,
+                 "KURA_INTERNAL_PORT": self.internal_port}
+        seen: dict[int, str] = {}
+        for name, port in ports.items():
+            if port and port in seen:
+                raise ConfigError(f"{name} and {seen[port]} must differ, both are {port}")
+            seen[port] = name
+        if self.extension_script_path and not os.path.isfile(self.extension_script_path):
+            raise ConfigError(
+                f"KURA_EXTENSION_SCRIPT_PATH points to {self.extension_script_path!r}, "
+                "which is not a readable file")
+
+    @property
+    def extensions_active(self) -> bool:
+        return self.extension_enabled or bool(self.extension_script_path)
+
+
+def _parse_str(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _parse_path(name: str, raw: str) -> str:
+    value = raw.strip()
+    if "\0" in value:
+        raise ConfigError(f"{name} must be a path without NUL characters")
+    return value
+
+
+def _parse_tenant(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value or len(value) > 256 or any(ord(c) < 32 for c in value):
+        raise ConfigError(f"{name} must be a non-empty printable id of at most 256 characters")
+    return value
+
+
+def _parse_node_url(name: str, raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if value and not (value.startswith("http://") or value.startswith("https://")):
+        raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+    return value
+
+
+def _positive(name: str, raw: str) -> int:
+    return _parse_int(name, raw, minimum=1)
+
+
+def _segment_size(name: str, raw: str) -> int:
+    return _parse_int(name, raw, minimum=64 * KIB)
+
+
+def _parse_log_level(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("debug", "info", "warning", "error", "critical"):
+        raise ConfigError(f"{name} must be one of debug, info, warning, error, critical")
+    return value

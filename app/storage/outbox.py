@@ -1,0 +1,81 @@
+"""The durable replication outbox: one row per (peer, message), written in the same LMDB
+transaction as the change it announces. The replicator drains it; a row is deleted only
+after the peer acknowledged it, so delivery is at-least-once (duplicates are harmless:
+replicated writes are last-writer-wins on ``version_ms``)."""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator, Sequence
+
+import lmdb
+
+from app import metrics
+from app.errors import BudgetExhausted
+from app.storage.lmdb_env import Databases, next_counter, u64
+
+
+class Outbox:
+    def __init__(self, env: lmdb.Environment, dbs: Databases, max_depth: int) -> None:
+        self._env = env
+        self._dbs = dbs
+        self.max_depth = max_depth
+
+    def depth(self) -> int:
+        with self._env.begin() as txn:
+            return txn.stat(self._dbs.outbox)["entries"]
+
+    def raise_if_full(self, txn: lmdb.Transaction) -> None:
+        if txn.stat(self._dbs.outbox)["entries"] >= self.max_depth:
+            metrics.BACKPRESSURE.labels("outbox").inc()
+            raise BudgetExhausted(
+                f"replication outbox is full (KURA_OUTBOX_MAX_DEPTH={self.max_depth})")
+
+    def enqueue(self, txn: lmdb.Transaction, peers: Sequence[str], message: dict[str, Any]) -> None:
+        """Add one row per peer (caller holds the write txn of the change itself)."""
+        if not peers:
+            return
+        seq = u64(next_counter(txn, self._dbs.meta, b"outbox_seq"))
+        body = json.dumps(message, separators=(",", ":")).encode()
+        for peer in peers:
+            txn.put(peer.encode() + b"\0" + seq, body, db=self._dbs.outbox)
+
+    def peek(self, peer: str, limit: int = 100) -> list[tuple[bytes, dict[str, Any]]]:
+        """The oldest ``limit`` rows for ``peer`` as ``(row_key, message)``."""
+        prefix = peer.encode() + b"\0"
+        rows = []
+        with self._env.begin() as txn:
+            cursor = txn.cursor(db=self._dbs.outbox)
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not key.startswith(prefix) or len(rows) >= limit:
+                        break
+                    rows.append((key, json.loads(value)))
+        return rows
+
+    def complete(self, row_key: bytes) -> None:
+        with self._env.begin(write=True) as txn:
+            txn.delete(row_key, db=self._dbs.outbox)
+
+    def peers_with_rows(self) -> Iterator[str]:
+        with self._env.begin() as txn:
+            cursor = txn.cursor(db=self._dbs.outbox)
+            seen = b""
+            while cursor.set_range(seen):
+                key = cursor.key()
+                peer = key.split(b"\0", 1)[0]
+                yield peer.decode()
+                seen = peer + b"\x01"
+
+    def drop_peer(self, peer: str) -> int:
+        """Remove every row of a peer that left the membership."""
+        prefix = peer.encode() + b"\0"
+        removed = 0
+        with self._env.begin(write=True) as txn:
+            cursor = txn.cursor(db=self._dbs.outbox)
+            if cursor.set_range(prefix):
+                while cursor.key().startswith(prefix):
+                    cursor.delete()
+                    removed += 1
+                    if not cursor.key():
+                        break
+        return removed

@@ -1,0 +1,199 @@
+"""Append-only segment files: each process appends to its own active segment.
+
+Durability invariant: bytes are copied into the segment and fdatasync'ed
+BEFORE the LMDB transaction that publishes the manifest pointing at them. A
+crash in between leaves unreferenced bytes in a segment (reclaimed when the
+segment is evicted), never a manifest pointing at missing bytes.
+
+Segments are never rewritten or truncated; space is reclaimed by unlinking a
+whole segment (see ``eviction.py``).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import lmdb
+
+from app import metrics
+from app.errors import BudgetExhausted
+from app.storage.lmdb_env import Databases, next_counter, u64
+
+Offload = Callable[..., object]
+COPY_SLICE = 8 * 1024 * 1024
+
+
+def direct_call(fn: Callable[..., object], *args: object) -> object:
+    return fn(*args)
+
+
+def segment_path(segments_dir: str, segment_id: int) -> str:
+    return os.path.join(segments_dir, f"{segment_id:016x}.seg")
+
+
+@dataclass
+class _Active:
+    segment_id: int
+    fd: int
+    end: int  # next free offset (reserved space included)
+    pending: int = 0
+    sealed: bool = False
+
+
+def raise_if_disk_full(exc: OSError) -> None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise BudgetExhausted("disk is full: the data directory has no space left") from exc
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        raise BudgetExhausted("file-descriptor budget exhausted") from exc
+
+
+class SegmentWriter:
+    """This process's active segment. Safe for greenlets and threads."""
+
+    def __init__(self, env: lmdb.Environment, dbs: Databases, segments_dir: str,
+                 max_bytes: int, offload: Offload = direct_call) -> None:
+        self._env = env
+        self._dbs = dbs
+        self._dir = segments_dir
+        self._max = max_bytes
+        self._offload = offload
+        self._lock = threading.Lock()
+        self._active: _Active | None = None
+        os.makedirs(segments_dir, exist_ok=True)
+
+    @property
+    def active_segment_id(self) -> int:
+        return self._active.segment_id if self._active else 0
+
+    def _open_new(self) -> _Active:
+        # Short write txn: allocate the id and register the segment as owned by us.
+        with self._env.begin(write=True) as txn:
+            seg_id = next_counter(txn, self._dbs.meta, b"next_segment_id")
+            txn.put(u64(seg_id), json.dumps({"pid": os.getpid(), "created_ms": int(time.time() * 1000),
+                                             "sealed": False}).encode(), db=self._dbs.segments)
+        path = segment_path(self._dir, seg_id)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            dir_fd = os.open(self._dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise_if_disk_full(exc)
+            raise
+        metrics.SEGMENTS_CREATED.inc()
+        return _Active(segment_id=seg_id, fd=fd, end=0)
+
+    def _seal(self, seg: _Active) -> None:
+        seg.sealed = True
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(u64(seg.segment_id), db=self._dbs.segments)
+            if raw:
+                doc = json.loads(raw)
+                doc["sealed"] = True
+                txn.put(u64(seg.segment_id), json.dumps(doc).encode(), db=self._dbs.segments)
+        metrics.SEGMENT_ROTATIONS.inc()
+
+    def _reserve(self, length: int) -> _Active:
+        with self._lock:
+            seg = self._active
+            if seg is not None and seg.end > 0 and seg.end + length > self._max:
+                self._seal(seg)
+                if seg.pending == 0:
+                    os.close(seg.fd)
+                self._active = seg = None
+            if seg is None:
+                seg = self._active = self._open_new()
+            seg.pending += 1
+            return seg
+
+    def _release(self, seg: _Active) -> None:
+        with self._lock:
+            seg.pending -= 1
+            if seg.sealed and seg.pending == 0:
+                os.close(seg.fd)
+
+    def append(self, sources: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
+        """Copy ``(fd, src_offset, length)`` sources back to back into the active segment
+        and fdatasync. Returns ``(segment_id, offset)`` of the first byte."""
+        total = sum(length for _, _, length in sources)
+        seg = self._reserve(total)
+        try:
+            with self._lock:
+                offset = seg.end
+                seg.end += total
+            try:
+                self._offload(_copy_and_sync, seg.fd, offset, list(sources))
+            except OSError as exc:
+                raise_if_disk_full(exc)
+                raise
+            return seg.segment_id, offset
+        finally:
+            self._release(seg)
+
+    def append_bytes(self, data: bytes) -> tuple[int, int]:
+        seg = self._reserve(len(data))
+        try:
+            with self._lock:
+                offset = seg.end
+                seg.end += len(data)
+            try:
+                self._offload(_write_and_sync, seg.fd, offset, data)
+            except OSError as exc:
+                raise_if_disk_full(exc)
+                raise
+            return seg.segment_id, offset
+        finally:
+            self._release(seg)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._active is not None:
+                self._seal(self._active)
+                if self._active.pending == 0:
+                    os.close(self._active.fd)
+                self._active = None
+
+
+def _copy_and_sync(dst_fd: int, dst_offset: int, sources: list[tuple[int, int, int]]) -> None:
+    position = dst_offset
+    for src_fd, src_offset, length in sources:
+        copied = 0
+        while copied < length:
+            want = min(COPY_SLICE, length - copied)
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, want, src_offset + copied, position)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                n = _pread_pwrite(src_fd, src_offset + copied, dst_fd, position, want)
+            if n == 0:
+                raise OSError(errno.EIO, "source ended before the expected length")
+            copied += n
+            position += n
+    os.fdatasync(dst_fd)
+
+
+def _pread_pwrite(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> int:
+    data = os.pread(src_fd, length, src_offset)
+    if not data:
+        return 0
+    view = memoryview(data)
+    written = 0
+    while written < len(data):
+        written += os.pwrite(dst_fd, view[written:], dst_offset + written)
+    return len(data)
+
+
+def _write_and_sync(fd: int, offset: int, data: bytes) -> None:
+    view = memoryview(data)
+    written = 0
+    while written < len(view):
+        written += os.pwrite(fd, view[written:], offset + written)
+    os.fdatasync(fd)

@@ -1,0 +1,130 @@
+"""Bounded temp staging for incoming bodies.
+
+A body is streamed into an anonymous temp file (``O_TMPFILE`` where the
+filesystem has it, so a crash leaves nothing behind) while it is hashed. The
+bytes staged by every process of the node, plus the bytes held by open
+multipart uploads, count against ``KURA_TMP_DIR_MAX_BYTES``; going over it
+raises ``BudgetExhausted`` and the partial file is dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Callable
+
+from app.errors import BudgetExhausted, DigestMismatch, TooLarge, TruncatedBody
+from app.node_state import NodeState
+from app.storage.segments import raise_if_disk_full
+
+RESERVE_STEP = 1024 * 1024
+
+
+class StagedBody:
+    """One body being received. Use as a context manager; the file is closed on exit."""
+
+    def __init__(self, area: "StagingArea", limit: int | None, too_large_message: str) -> None:
+        self._area = area
+        self._limit = limit
+        self._too_large = too_large_message
+        self._reserved = 0
+        self.size = 0
+        self._hash = hashlib.sha256()
+        try:
+            self._file = tempfile.TemporaryFile(dir=area.directory)
+        except OSError as exc:
+            raise_if_disk_full(exc)
+            raise
+        self.fd = self._file.fileno()
+
+    def write(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        new_size = self.size + len(chunk)
+        if self._limit is not None and new_size > self._limit:
+            raise TooLarge(self._too_large)
+        if new_size > self._reserved:
+            self._reserve(max(RESERVE_STEP, new_size - self._reserved))
+        try:
+            self._file.write(chunk)
+        except OSError as exc:
+            raise_if_disk_full(exc)
+            raise
+        self._hash.update(chunk)
+        self.size = new_size
+
+    def _reserve(self, amount: int) -> None:
+        self._area.reserve(amount)
+        self._reserved += amount
+
+    def finish(self, *, expected_size: int | None = None, expected_sha256: str | None = None) -> None:
+        """Flush and verify: a short body (client disconnect) or a wrong digest is rejected."""
+        try:
+            self._file.flush()
+        except OSError as exc:
+            raise_if_disk_full(exc)
+            raise
+        if expected_size is not None and self.size != expected_size:
+            if self.size < expected_size:
+                raise TruncatedBody(
+                    f"Incomplete body: received {self.size} of {expected_size} bytes")
+            raise DigestMismatch(f"Body size {self.size} does not match expected {expected_size}")
+        if expected_sha256 is not None and self.sha256 != expected_sha256:
+            raise DigestMismatch("Body does not match its sha256 digest")
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def read_all(self) -> bytes:
+        """Small bodies only (keyvalue documents, action results)."""
+        return os.pread(self.fd, self.size, 0)
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            if self._reserved:
+                self._area.release(self._reserved)
+                self._reserved = 0
+
+    def __enter__(self) -> "StagedBody":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StagingArea:
+    def __init__(self, directory: str, max_bytes: int, node_state: NodeState,
+                 multipart_bytes: Callable[[], int]) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._state = node_state
+        self._multipart_bytes = multipart_bytes
+        os.makedirs(directory, exist_ok=True)
+
+    def used_bytes(self) -> int:
+        return self._state.tmp_bytes() + self._multipart_bytes()
+
+    def reserve(self, amount: int, *, allow_alone: bool = False) -> None:
+        """Claim ``amount`` bytes of the budget; ``allow_alone`` lets one body larger than
+        the whole budget proceed when nothing else is staged (bootstrap)."""
+        used = self.used_bytes()
+        if used + amount > self.max_bytes and not (allow_alone and used == 0):
+            raise BudgetExhausted(
+                f"tmp staging budget exhausted (KURA_TMP_DIR_MAX_BYTES={self.max_bytes})")
+        self._state.add_tmp_bytes(amount)
+
+    def release(self, amount: int) -> None:
+        self._state.add_tmp_bytes(-amount)
+
+    def stage(self, limit: int | None = None, too_large_message: str = "Payload too large") -> StagedBody:
+        return StagedBody(self, limit, too_large_message)
+
+    def probe_writable(self) -> None:
+        """Raise BudgetExhausted early when the budget is already full."""
+        if self.used_bytes() >= self.max_bytes:
+            raise BudgetExhausted(
+                f"tmp staging budget exhausted (KURA_TMP_DIR_MAX_BYTES={self.max_bytes})")
+

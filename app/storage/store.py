@@ -1,0 +1,336 @@
+"""The storage interface every frontend uses (HTTP blueprints, REAPI servicers, replicator).
+
+Frontends parse and validate, then call this class; they never see LMDB or a
+segment path. One instance per process, opened after any fork.
+
+Invariant for every write: the body is in a segment and fdatasync'ed before
+one short LMDB write transaction publishes manifest + indexes + outbox rows.
+Nothing may yield to another greenlet while that transaction is open.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Iterable, Sequence
+
+import lmdb
+
+from app import metrics
+from app.errors import BudgetExhausted, NotFound
+from app.node_state import NodeState, state_path
+from app.settings import Settings
+from app.storage.keys import artifact_id as compute_artifact_id
+from app.storage.lmdb_env import Databases, namespace_key, open_environment, read_counter, u64
+from app.storage.manifest import Manifest
+from app.storage.outbox import Outbox
+from app.storage.segments import Offload, SegmentWriter, direct_call, raise_if_disk_full, segment_path
+from app.storage.staging import StagedBody, StagingArea
+
+DELETE_BATCH = 2000
+HOT_WATERMARK_REFRESH_S = 5.0
+
+
+@dataclass(frozen=True)
+class Located:
+    """A visible artifact: its manifest, and its body when stored inline."""
+
+    artifact_id: bytes
+    manifest: Manifest
+    inline_body: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        return self.manifest.size
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    artifact_id: bytes
+    created: bool  # no visible artifact existed under this key before
+    version_ms: int
+    applied: bool = True  # False: a replicated write older than what we hold
+
+
+class ArtifactStore:
+    def __init__(self, settings: Settings, *, node_state: NodeState | None = None,
+                 offload: Offload = direct_call, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.tenant_id = settings.tenant_id
+        self._clock = clock
+        os.makedirs(settings.data_dir, exist_ok=True)
+        self.node_state = node_state or NodeState(state_path(settings.data_dir))
+        self.env, self.dbs = open_environment(settings.data_dir, settings.lmdb_map_size)
+        self.segments_dir = os.path.join(settings.data_dir, "segments")
+        self.segments = SegmentWriter(self.env, self.dbs, self.segments_dir,
+                                      settings.segment_max_bytes, offload)
+        self.outbox = Outbox(self.env, self.dbs, settings.outbox_max_depth)
+        self.staging = StagingArea(os.path.join(settings.resolved_tmp_dir, "staging"),
+                                   settings.tmp_dir_max_bytes, self.node_state,
+                                   self._multipart_bytes)
+        self.multipart_dir = os.path.join(settings.resolved_tmp_dir, "multipart")
+        os.makedirs(self.multipart_dir, exist_ok=True)
+        self.peers: tuple[str, ...] = settings.replication_peers
+        self._hot_watermark = 0
+        self._hot_checked = 0.0
+
+    # -- identity ---------------------------------------------------------------
+    def artifact_id(self, producer: str, namespace_id: str, key: str) -> bytes:
+        return compute_artifact_id(producer, self.tenant_id, namespace_id, key)
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    # -- reads --------------------------------------------------------------------
+    @staticmethod
+    def _tombstone(txn: lmdb.Transaction, dbs: Databases, namespace_id: str) -> int:
+        raw = txn.get(namespace_key(namespace_id), db=dbs.ns_tombstones)
+        return json.loads(raw)["v"] if raw else 0
+
+    def _visible(self, txn: lmdb.Transaction, aid: bytes) -> Manifest | None:
+        raw = txn.get(aid, db=self.dbs.manifests)
+        if raw is None:
+            return None
+        manifest = Manifest.decode(raw)
+        if manifest.version_ms <= self._tombstone(txn, self.dbs, manifest.namespace_id):
+            return None
+        return manifest
+
+    def lookup_id(self, aid: bytes) -> Located | None:
+        with self.env.begin(buffers=False) as txn:
+            manifest = self._visible(txn, aid)
+            if manifest is None:
+                return None
+            body = txn.get(aid, db=self.dbs.inline) if manifest.inline else None
+        if manifest.inline and body is None:
+            return None
+        return Located(aid, manifest, body)
+
+    def lookup(self, producer: str, namespace_id: str, key: str) -> Located | None:
+        return self.lookup_id(self.artifact_id(producer, namespace_id, key))
+
+    def exists(self, producer: str, namespace_id: str, key: str) -> bool:
+        aid = self.artifact_id(producer, namespace_id, key)
+        with self.env.begin() as txn:
+            return self._visible(txn, aid) is not None
+
+    def missing(self, producer: str, namespace_id: str, keys: Sequence[str]) -> list[str]:
+        """The subset of ``keys`` with no visible artifact, in one read transaction."""
+        absent = []
+        with self.env.begin() as txn:
+            tomb = self._tombstone(txn, self.dbs, namespace_id)
+            for key in keys:
+                raw = txn.get(self.artifact_id(producer, namespace_id, key), db=self.dbs.manifests)
+                if raw is None or Manifest.decode(raw).version_ms <= tomb:
+                    absent.append(key)
+        return absent
+
+    def open_body(self, located: Located) -> BinaryIO:
+        """An unbuffered file positioned at the artifact's first byte (segment bodies only).
+
+        The caller streams ``located.size`` bytes from it and closes it. If the
+        segment was evicted after the lookup, the artifact is looked up again once
+        (copy-forward may have moved it) before answering NotFound.
+        """
+        for attempt in (0, 1):
+            manifest = located.manifest
+            try:
+                fd = os.open(segment_path(self.segments_dir, manifest.segment_id), os.O_RDONLY)
+            except FileNotFoundError:
+                again = self.lookup_id(located.artifact_id)
+                if again is None or again.manifest.inline or attempt:
+                    raise NotFound("Artifact not found") from None
+                located = again
+                continue
+            except OSError as exc:
+                raise_if_disk_full(exc)
+                raise
+            os.lseek(fd, manifest.offset, os.SEEK_SET)
+            self._note_read(located)
+            return os.fdopen(fd, "rb", buffering=0)
+        raise NotFound("Artifact not found")
+
+    def read_bytes(self, located: Located, offset: int = 0, length: int | None = None) -> bytes:
+        """Read (part of) a body into memory: for small bodies and bounded chunks only."""
+        size = located.size
+        length = size - offset if length is None else min(length, size - offset)
+        if length <= 0:
+            return b""
+        if located.inline_body is not None:
+            return located.inline_body[offset:offset + length]
+        with self.open_body(located) as fh:
+            data = os.pread(fh.fileno(), length, located.manifest.offset + offset)
+        if len(data) != length:
+            raise NotFound("Artifact not found")
+        return data
+
+    def _note_read(self, located: Located) -> None:
+        """Mark an artifact read from one of the oldest segments so eviction copies it forward."""
+        now = self._clock()
+        if now - self._hot_checked > HOT_WATERMARK_REFRESH_S:
+            with self.env.begin() as txn:
+                self._hot_watermark = read_counter(txn, self.dbs.meta, b"hot_watermark")
+            self._hot_checked = now
+        if located.manifest.segment_id and located.manifest.segment_id <= self._hot_watermark:
+            with self.env.begin(write=True) as txn:
+                txn.put(located.artifact_id, b"", db=self.dbs.hot)
+
+    # -- writes -------------------------------------------------------------------
+    def check_write_budget(self) -> None:
+        """Cheap early rejection before a body is read (429 instead of wasted upload)."""
+        if self.peers and self.outbox.depth() >= self.settings.outbox_max_depth:
+            metrics.BACKPRESSURE.labels("outbox").inc()
+            raise BudgetExhausted(
+                f"replication outbox is full (KURA_OUTBOX_MAX_DEPTH={self.settings.outbox_max_depth})")
+        try:
+            self.staging.probe_writable()
+        except BudgetExhausted:
+            metrics.BACKPRESSURE.labels("tmp").inc()
+            raise
+
+    def stage(self, limit: int | None = None, too_large_message: str = "Payload too large") -> StagedBody:
+        return self.staging.stage(limit, too_large_message)
+
+    def put_staged(self, producer: str, namespace_id: str, key: str, staged: StagedBody,
+                   content_type: str = "application/octet-stream") -> WriteResult:
+        """Publish a verified staged body (see ``StagedBody.finish``)."""
+        return self.put_sources(producer, namespace_id, key, [(staged.fd, 0, staged.size)],
+                                content_type)
+
+    def put_sources(self, producer: str, namespace_id: str, key: str,
+                    sources: Sequence[tuple[int, int, int]], content_type: str) -> WriteResult:
+        aid = self.artifact_id(producer, namespace_id, key)
+        size = sum(length for _, _, length in sources)
+        seg_id, offset = self.segments.append(sources) if size else (0, 0)
+        manifest = Manifest(producer, namespace_id, key, content_type, 0, size, seg_id, offset)
+        return self._commit(aid, manifest, b"" if not size else None)
+
+    def put_bytes(self, producer: str, namespace_id: str, key: str, data: bytes,
+                  content_type: str = "application/octet-stream", *, inline: bool = True) -> WriteResult:
+        aid = self.artifact_id(producer, namespace_id, key)
+        if inline or not data:
+            manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data))
+            return self._commit(aid, manifest, data)
+        seg_id, offset = self.segments.append_bytes(data)
+        manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data), seg_id, offset)
+        return self._commit(aid, manifest, None)
+
+    def _commit(self, aid: bytes, manifest: Manifest, inline_body: bytes | None,
+                replicated_version: int | None = None) -> WriteResult:
+        dbs = self.dbs
+        ns = manifest.namespace_id
+        # Must not yield while this write transaction is open.
+        with self.env.begin(write=True) as txn:
+            old_raw = txn.get(aid, db=dbs.manifests)
+            old = Manifest.decode(old_raw) if old_raw else None
+            tomb = self._tombstone(txn, dbs, ns)
+            old_visible = old is not None and old.version_ms > tomb
+            if replicated_version is not None:
+                if replicated_version <= tomb or (old is not None and replicated_version <= old.version_ms):
+                    return WriteResult(aid, False, old.version_ms if old else tomb, applied=False)
+                version = replicated_version
+            else:
+                if self.peers:
+                    self.outbox.raise_if_full(txn)
+                version = max(self.now_ms(), (old.version_ms + 1) if old else 0, tomb + 1)
+            manifest = Manifest(manifest.producer, ns, manifest.key, manifest.content_type, version,
+                                manifest.size, manifest.segment_id, manifest.offset)
+            txn.put(aid, manifest.encode(), db=dbs.manifests)
+            txn.put(namespace_key(ns) + aid, b"", db=dbs.ns_index)
+            if old is not None and old.segment_id and old.segment_id != manifest.segment_id:
+                txn.delete(u64(old.segment_id) + aid, db=dbs.segment_index)
+            if manifest.segment_id:
+                txn.put(u64(manifest.segment_id) + aid, b"", db=dbs.segment_index)
+                txn.delete(aid, db=dbs.inline)
+            else:
+                txn.put(aid, inline_body or b"", db=dbs.inline)
+            txn.delete(aid, db=dbs.hot)
+            if replicated_version is None:
+                self.outbox.enqueue(txn, self.peers, {"op": "put", "aid": aid.hex(), "v": version})
+        return WriteResult(aid, not old_visible, version)
+
+    def delete_namespace(self, namespace_id: str, replicated_version: int | None = None) -> int:
+        """Tombstone a namespace (reads stop seeing it at once), then remove its rows in batches."""
+        with self.env.begin(write=True) as txn:
+            old = self._tombstone(txn, self.dbs, namespace_id)
+            if replicated_version is not None:
+                if replicated_version <= old:
+                    return old
+                version = replicated_version
+            else:
+                version = max(self.now_ms(), old + 1)
+            txn.put(namespace_key(namespace_id),
+                    json.dumps({"ns": namespace_id, "v": version}).encode(), db=self.dbs.ns_tombstones)
+            if replicated_version is None:
+                self.outbox.enqueue(txn, self.peers,
+                                    {"op": "delete_ns", "ns": namespace_id, "v": version})
+        self._purge_namespace(namespace_id, version)
+        return version
+
+    def _purge_namespace(self, namespace_id: str, version: int) -> None:
+        prefix = namespace_key(namespace_id)
+        dbs = self.dbs
+        while True:
+            removed = 0
+            with self.env.begin(write=True) as txn:
+                cursor = txn.cursor(db=dbs.ns_index)
+                if not cursor.set_range(prefix):
+                    break
+                batch = []
+                for index_key, _ in cursor:
+                    if not index_key.startswith(prefix) or len(batch) >= DELETE_BATCH:
+                        break
+                    batch.append(index_key)
+                for index_key in batch:
+                    aid = index_key[len(prefix):]
+                    raw = txn.get(aid, db=dbs.manifests)
+                    if raw is not None:
+                        manifest = Manifest.decode(raw)
+                        if manifest.version_ms > version:
+                            continue  # written after the clean: keep
+                        self._drop_artifact(txn, aid, manifest)
+                    else:
+                        txn.delete(index_key, db=dbs.ns_index)
+                    removed += 1
+            if removed == 0:
+                break
+
+    def _drop_artifact(self, txn: lmdb.Transaction, aid: bytes, manifest: Manifest) -> None:
+        dbs = self.dbs
+        txn.delete(aid, db=dbs.manifests)
+        txn.delete(namespace_key(manifest.namespace_id) + aid, db=dbs.ns_index)
+        txn.delete(aid, db=dbs.inline)
+        txn.delete(aid, db=dbs.hot)
+        if manifest.segment_id:
+            txn.delete(u64(manifest.segment_id) + aid, db=dbs.segment_index)
+
+    # -- multipart accounting ---------------------------------------------------
+    def _multipart_bytes(self) -> int:
+        with self.env.begin() as txn:
+            return read_counter(txn, self.dbs.meta, b"multipart_bytes")
+
+    # -- introspection --------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        with self.env.begin() as txn:
+            artifacts = txn.stat(self.dbs.manifests)["entries"]
+            outbox = txn.stat(self.dbs.outbox)["entries"]
+            segments = txn.stat(self.dbs.segments)["entries"]
+        return {"artifacts": artifacts, "outbox_messages": outbox, "segments": segments}
+
+    def iter_namespace(self, namespace_id: str) -> Iterable[Manifest]:
+        prefix = namespace_key(namespace_id)
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.dbs.ns_index)
+            if cursor.set_range(prefix):
+                for index_key, _ in cursor:
+                    if not index_key.startswith(prefix):
+                        break
+                    raw = txn.get(index_key[len(prefix):], db=self.dbs.manifests)
+                    if raw:
+                        yield Manifest.decode(raw)
+
+    def close(self) -> None:
+        self.segments.close()
+        self.env.close()
+
