@@ -49,6 +49,13 @@ PROCESS_RSS = Gauge(
     multiprocess_mode="livesum")
 
 
+GRPC_REQUESTS = Counter(
+    "kura_grpc_requests_total", "gRPC calls by full method name and status code", ["method", "code"])
+GRPC_DURATION = Histogram(
+    "kura_grpc_request_duration_seconds", "gRPC call latency by method", ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
