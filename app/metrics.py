@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Counter(
     "kura_http_requests_total", "HTTP requests by route template and status",
-    ["route", "method", "status"])
+    ["route", "status"])
 HTTP_DURATION = Histogram(
     "kura_http_request_duration_seconds", "HTTP request latency by route template",
     ["route"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -60,13 +60,19 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+def default_registry() -> CollectorRegistry:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY
+
+
 def scrape_registry() -> CollectorRegistry:
     """A registry that reads every process's metrics (multiprocess mode) or this one's."""
-    from prometheus_client import REGISTRY, multiprocess
+    from prometheus_client import multiprocess
 
     path = multiprocess_dir()
     if not path:
-        return REGISTRY
+        return default_registry()
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)
     return registry

@@ -1,0 +1,52 @@
+"""The read and write steps every protocol blueprint shares: look up and serve, receive and store."""
+from __future__ import annotations
+
+from flask import Response, request
+
+from app import metrics
+from app.errors import KuraError, NotFound
+from app.http.bodies import artifact_response, receive_body
+from app.http.services import store
+from app.storage.store import WriteResult
+
+
+def serve_artifact(producer: str, namespace_id: str, key: str,
+                   not_found: str = "Artifact not found", content_type: str | None = None) -> Response:
+    located = store().lookup(producer, namespace_id, key)
+    if located is None:
+        metrics.ARTIFACT_READS.labels(producer, "miss").inc()
+        raise NotFound(not_found)
+    metrics.ARTIFACT_READS.labels(producer, "hit").inc()
+    return artifact_response(located, content_type)
+
+
+def store_upload(producer: str, namespace_id: str, key: str, limit: int,
+                 too_large: str = "Payload too large", expected_sha256: str | None = None,
+                 content_type: str | None = None) -> WriteResult:
+    """Receive the request body, verify it and publish it as one artifact."""
+    mimetype = content_type or request.mimetype or "application/octet-stream"
+    try:
+        with receive_body(limit, too_large, expected_sha256) as staged:
+            result = store().put_staged(producer, namespace_id, key, staged, mimetype)
+            size = staged.size
+    except KuraError as exc:
+        metrics.ARTIFACT_WRITES.labels(producer, "rejected" if exc.http_status < 500 else "error").inc()
+        raise
+    metrics.ARTIFACT_WRITES.labels(producer, "created" if result.created else "updated").inc()
+    metrics.ARTIFACT_WRITE_BYTES.labels(producer).inc(size)
+    return result
+
+
+def store_document(producer: str, namespace_id: str, key: str, data: bytes,
+                   content_type: str = "application/json") -> WriteResult:
+    """Small documents (keyvalue entries) are kept inline in LMDB."""
+    target = store()
+    target.check_write_budget()
+    result = target.put_bytes(producer, namespace_id, key, data, content_type, inline=True)
+    metrics.ARTIFACT_WRITES.labels(producer, "created" if result.created else "updated").inc()
+    metrics.ARTIFACT_WRITE_BYTES.labels(producer).inc(len(data))
+    return result
+
+
+def empty(status: int) -> Response:
+    return Response(b"", status=status)

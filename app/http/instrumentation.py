@@ -1,0 +1,48 @@
+"""Per-request bookkeeping shared by every route: draining, in-flight count, metrics."""
+from __future__ import annotations
+
+import time
+
+from flask import Flask, Response, g, request
+
+from app import metrics
+from app.errors import Draining
+from app.http.probes import PROBE_ENDPOINTS
+from app.http.services import services
+
+INTERNAL_PREFIX = "/_internal/"
+
+
+def _route() -> str:
+    rule = request.url_rule
+    return rule.rule if rule is not None else "unmatched"
+
+
+def _before() -> None:
+    g.kura_started = time.perf_counter()
+    if request.endpoint in PROBE_ENDPOINTS:
+        return
+    if services().node_state.draining:
+        raise Draining()
+    services().node_state.add_inflight(1)
+    g.kura_inflight = True
+
+
+def _after(response: Response) -> Response:
+    route = _route()
+    metrics.HTTP_REQUESTS.labels(route, str(response.status_code)).inc()
+    started = g.get("kura_started")
+    if started is not None:
+        metrics.HTTP_DURATION.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+def _teardown(_exc: BaseException | None) -> None:
+    if g.pop("kura_inflight", False):
+        services().node_state.add_inflight(-1)
+
+
+def install(app: Flask) -> None:
+    app.before_request(_before)
+    app.after_request(_after)
+    app.teardown_request(_teardown)

@@ -1,0 +1,120 @@
+"""kura-py's gunicorn worker: gunicorn's gevent worker with three changes.
+
+1. Zero-copy downloads. gevent's ``socket.sendfile`` copies through user space in
+   small reads; here a file response is sent with ``os.sendfile`` on the
+   non-blocking socket, waiting cooperatively for writability on EAGAIN, for
+   exactly Content-Length bytes from the file's current offset.
+2. Fairness. The worker yields to other greenlets between two requests of one
+   keep-alive connection, so one busy connection cannot starve the others.
+3. Errors raised below Flask (over-long request line, bad headers, broken chunked
+   framing) are answered with the JSON ``{"message": ...}`` shape like every other
+   error; a draining node closes connections after each answer.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from typing import Any, Callable, Iterable
+
+import gevent
+from gevent.socket import wait_write
+from gunicorn import util as gunicorn_util
+from gunicorn.http import wsgi as gunicorn_wsgi
+from gunicorn.workers.ggevent import GeventWorker
+
+# The master imports this module to load the worker class: nothing here may import
+# prometheus_client (multiprocess files) or the app before the fork.
+_serving_paths: Any = None
+
+
+def cooperative_sendfile(self: gunicorn_wsgi.Response, respiter: Any) -> bool:
+    """Replacement for ``gunicorn.http.wsgi.Response.sendfile`` (see module docstring)."""
+    if self.cfg.is_ssl or not self.can_sendfile() or not gunicorn_util.has_fileno(respiter.filelike):
+        return False
+    file_fd = respiter.filelike.fileno()
+    try:
+        offset = os.lseek(file_fd, 0, os.SEEK_CUR)
+        nbytes = (self.response_length if self.response_length is not None
+                  else os.fstat(file_fd).st_size - offset)
+    except OSError:
+        return False
+    self.send_headers()
+    if getattr(self, "_omits_body", False) or nbytes <= 0:
+        return True
+    chunked = self.is_chunked()
+    if chunked:
+        self.sock.sendall(b"%X\r\n" % nbytes)
+    sock_fd = self.sock.fileno()
+    sent = 0
+    while sent < nbytes:
+        try:
+            n = os.sendfile(sock_fd, file_fd, offset + sent, nbytes - sent)
+        except BlockingIOError:
+            wait_write(sock_fd)
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            raise
+        if n == 0:  # file shorter than promised: never send a short body silently
+            raise OSError(errno.EIO, "segment ended before Content-Length")
+        sent += n
+    self.sent += sent
+    if chunked:
+        self.sock.sendall(b"\r\n")
+    _serving_paths.labels("sendfile").inc()
+    return True
+
+
+def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """Replacement for ``gunicorn.util.write_error``: the JSON error shape, always."""
+    body = json.dumps({"message": mesg or reason}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode("latin1")
+    gunicorn_util.write_nonblock(sock, head + body)
+
+
+def _write_file_counting_fallback(self: gunicorn_wsgi.Response, respiter: Any) -> None:
+    if not self.sendfile(respiter):
+        _serving_paths.labels("copy").inc()
+        for item in respiter:
+            self.write(item)
+
+
+class KuraGeventWorker(GeventWorker):
+    def init_process(self) -> None:
+        global _serving_paths
+        from app import metrics
+
+        _serving_paths = metrics.SERVING_PATHS
+        gunicorn_wsgi.Response.sendfile = cooperative_sendfile
+        gunicorn_wsgi.Response.write_file = _write_file_counting_fallback
+        gunicorn_util.write_error = write_json_error
+        super().init_process()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.wsgi = _close_when_draining(self.wsgi)
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
+        gevent.sleep(0)  # fairness between keep-alive connections of this worker
+        return super().handle_request(listener_name, req, sock, addr)
+
+
+def _close_when_draining(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """gunicorn drops hop-by-hop headers an app sets; turn ``Connection: close`` from the
+    app (draining answers) into gunicorn's own force-close of the connection."""
+
+    def wsgi(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            for name, value in headers:
+                if name.lower() == "connection" and value.lower() == "close":
+                    response = getattr(start_response, "__self__", None)
+                    if response is not None:
+                        response.force_close()  # gunicorn then sends Connection: close
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
+
+    return wsgi

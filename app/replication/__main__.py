@@ -1,0 +1,3 @@
+from app.replication.process import main
+
+main()

@@ -1,0 +1,120 @@
+"""gunicorn configuration: ``gunicorn -c gunicorn.conf.py`` starts a whole kura-py node.
+
+Plain Python read by the gunicorn master at start. It imports nothing heavy at the
+top (no LMDB, no gevent, no grpc, no prometheus_client): the master forks the HTTP
+workers, which build their own app (``app.http:create_app()``) after gevent has
+patched them, and it spawns the REAPI and replicator processes.
+
+Processes:
+- master (this file's hooks): data-directory lock, shared node state, drain, and
+  supervision of the child processes below;
+- HTTP workers: ``app.http_worker.KuraGeventWorker`` (gevent), one Flask app each;
+- ``python -m app.reapi``: the REAPI gRPC server (threads, never gevent);
+- ``python -m app.replication``: replicator, internal API, housekeeping.
+"""
+import os
+import shutil
+import sys
+import time
+
+from app.settings import ConfigError, Settings
+
+try:
+    _settings = Settings.from_env()
+except ConfigError as _exc:
+    sys.stderr.write(f"kura: invalid configuration: {_exc}\n")
+    sys.exit(1)
+
+_run_dir = os.path.join(_settings.data_dir, "run")
+# prometheus_client picks multiprocess mode at import, so this must be in the
+# environment before any worker or child imports it.
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(_run_dir, "prometheus")
+
+wsgi_app = "app.http:create_app()"
+bind = [f"{_settings.bind_host}:{_settings.port}"]
+workers = _settings.resolved_http_workers
+worker_class = "app.http_worker.KuraGeventWorker"
+worker_connections = _settings.worker_connections
+keepalive = 75
+timeout = 120
+graceful_timeout = max(30, _settings.drain_completion_timeout_ms // 1000)
+limit_request_line = 8190
+# sendfile: leave unset; gunicorn treats any value of this setting as "disabled".
+proc_name = "kura"
+accesslog = None
+errorlog = "-"
+loglevel = _settings.log_level
+preload_app = False
+control_socket_disable = True
+
+_lock = None
+_node_state = None
+_drain = None
+_children = []
+
+
+def on_starting(server):
+    """Master, before anything else: take the data directory and reset per-run state."""
+    global _lock, _node_state
+    from app.datadir_lock import DataDirLock, DataDirLocked
+    from app.node_state import NodeState, state_path
+
+    os.makedirs(_settings.data_dir, exist_ok=True)
+    _lock = DataDirLock(_settings.data_dir)
+    try:
+        _lock.acquire()
+    except DataDirLocked as exc:
+        sys.stderr.write(f"kura: {exc}\n")
+        sys.exit(1)
+    # Nothing of this node runs yet: per-run state and staged temp files are garbage.
+    prom_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(prom_dir, ignore_errors=True)
+    os.makedirs(prom_dir)
+    shutil.rmtree(os.path.join(_settings.resolved_tmp_dir, "staging"), ignore_errors=True)
+    _node_state = NodeState.reset(state_path(_settings.data_dir))
+    _node_state.set("started_ms", int(time.time() * 1000))
+
+
+def when_ready(server):
+    """Master, once the HTTP sockets are bound: start children, take over SIGTERM/SIGUSR1."""
+    global _drain
+    from app.drain import DrainController
+    from app.supervisor import ChildProcess, python_module
+
+    stop_timeout = max(5.0, _settings.drain_completion_timeout_ms / 1000)
+    for name, module in (("reapi", "app.reapi"), ("replicator", "app.replication")):
+        child = ChildProcess(name, python_module(module), stop_timeout_s=stop_timeout)
+        child.start()
+        _children.append(child)
+
+    _drain = DrainController(_node_state, _settings.drain_completion_timeout_ms)
+    graceful_stop = server.handle_term
+
+    def handle_term():
+        if _drain.finished:
+            graceful_stop()
+        else:
+            _drain.begin(exit_after=True)
+
+    server.handle_term = handle_term
+    # SIGUSR1 drains without exiting (preStop); gunicorn's log reopening moves to SIGHUP's reload.
+    server.handle_usr1 = lambda: _drain.begin(exit_after=False)
+    server.log.info("event=node_ready http_port=%s grpc_port=%s data_dir=%s",
+                    _settings.port, _settings.grpc_port, os.path.abspath(_settings.data_dir))
+
+
+def child_exit(server, worker):
+    """Master: a worker exited; forget its slot and its live metrics."""
+    from prometheus_client import multiprocess
+
+    if _node_state is not None:
+        _node_state.release_pid(worker.pid)
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Master, last: stop the children, release the data directory."""
+    for child in reversed(_children):
+        child.stop()
+    if _lock is not None:
+        _lock.release()
