@@ -1,0 +1,172 @@
+"""ContentAddressableStorage service: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree.
+
+Batches are bounded by the advertised ``max_batch_total_size_bytes`` (blob
+bytes) and ``MAX_BATCH_ENTRIES`` (framing), so every response fits the message
+limits. Per-blob failures inside a batch carry their own status, produced by
+the same ``status_for`` mapping as whole-call failures.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from typing import Iterator
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from app.errors import BadRequest, KuraError, NotFound
+from app.reapi.cache import ReapiCache
+from app.reapi.capabilities import MAX_BATCH_ENTRIES, MAX_BATCH_TOTAL_SIZE_BYTES
+from app.reapi.digests import BlobDigest, namespace_for, parse_digest, parse_digests
+from app.reapi.errors import status_for
+from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from app.reapi.gen.google.rpc import status_pb2
+
+DEFAULT_TREE_PAGE_SIZE = 1000
+MAX_TREE_PAGE_SIZE = 10000
+
+
+def _status(exc: BaseException | None = None) -> status_pb2.Status:
+    if exc is None:
+        return status_pb2.Status(code=grpc.StatusCode.OK.value[0])
+    code, message = status_for(exc)
+    return status_pb2.Status(code=code.value[0], message=message)
+
+
+def _check_entries(count: int) -> None:
+    if count > MAX_BATCH_ENTRIES:
+        raise BadRequest(f"Too many blobs in one batch: {count} > {MAX_BATCH_ENTRIES}")
+
+
+class CasService(re_grpc.ContentAddressableStorageServicer):
+    """build.bazel.remote.execution.v2.ContentAddressableStorage."""
+
+    def __init__(self, cache: ReapiCache) -> None:
+        self.cache = cache
+
+    def FindMissingBlobs(self, request: re_pb2.FindMissingBlobsRequest,
+                         context: grpc.ServicerContext) -> re_pb2.FindMissingBlobsResponse:
+        namespace = namespace_for(request.instance_name)
+        digests = parse_digests(request.blob_digests, "blob digest")
+        missing = self.cache.missing(namespace, digests)
+        return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[d.to_proto() for d in missing])
+
+    def BatchUpdateBlobs(self, request: re_pb2.BatchUpdateBlobsRequest,
+                         context: grpc.ServicerContext) -> re_pb2.BatchUpdateBlobsResponse:
+        namespace = namespace_for(request.instance_name)
+        _check_entries(len(request.requests))
+        total = sum(len(r.data) for r in request.requests)
+        if total > MAX_BATCH_TOTAL_SIZE_BYTES:
+            raise BadRequest(f"Batch of {total} bytes exceeds max_batch_total_size_bytes "
+                             f"({MAX_BATCH_TOTAL_SIZE_BYTES})")
+        self.cache.check_write_budget()
+        parsed: list[BlobDigest | BaseException] = []
+        for entry in request.requests:
+            try:
+                parsed.append(parse_digest(entry.digest, "blob digest"))
+            except BadRequest as exc:
+                parsed.append(exc)
+        present = {d for d in parsed if isinstance(d, BlobDigest)}
+        present -= set(self.cache.missing(namespace, present))
+        response = re_pb2.BatchUpdateBlobsResponse()
+        for entry, digest in zip(request.requests, parsed):
+            item = response.responses.add(digest=entry.digest)
+            if isinstance(digest, BaseException):
+                item.status.CopyFrom(_status(digest))
+                continue
+            try:
+                if digest in present and len(entry.data) == digest.size:
+                    if hashlib.sha256(entry.data).hexdigest() != digest.hash:
+                        raise BadRequest(f"Blob data does not match digest {digest}")
+                    self.cache.note_existing_write()
+                else:
+                    self.cache.put_bytes(namespace, digest, entry.data,
+                                         hashlib.sha256(entry.data).hexdigest())
+                    present.add(digest)
+            except KuraError as exc:
+                item.status.CopyFrom(_status(exc))
+            else:
+                item.status.CopyFrom(_status())
+        return response
+
+    def BatchReadBlobs(self, request: re_pb2.BatchReadBlobsRequest,
+                       context: grpc.ServicerContext) -> re_pb2.BatchReadBlobsResponse:
+        namespace = namespace_for(request.instance_name)
+        _check_entries(len(request.digests))
+        total = sum(max(0, d.size_bytes) for d in request.digests)
+        if total > MAX_BATCH_TOTAL_SIZE_BYTES:
+            raise BadRequest(f"Batch read of {total} bytes exceeds max_batch_total_size_bytes "
+                             f"({MAX_BATCH_TOTAL_SIZE_BYTES})")
+        response = re_pb2.BatchReadBlobsResponse()
+        for requested in request.digests:
+            item = response.responses.add(digest=requested)
+            try:
+                item.data = self.cache.read_small(namespace, parse_digest(requested, "blob digest"))
+            except KuraError as exc:
+                item.status.CopyFrom(_status(exc))
+            else:
+                item.status.CopyFrom(_status())
+        return response
+
+    def GetTree(self, request: re_pb2.GetTreeRequest,
+                context: grpc.ServicerContext) -> Iterator[re_pb2.GetTreeResponse]:
+        """Breadth-first, de-duplicated walk from the root, streamed in bounded pages.
+
+        ``next_page_token`` is the position of the next directory in that walk,
+        so a client may also resume a broken stream from any page. Directories
+        missing below the root are omitted, as REAPI allows.
+        """
+        namespace = namespace_for(request.instance_name)
+        root = parse_digest(request.root_digest, "root_digest")
+        if request.page_size < 0:
+            raise BadRequest("page_size must not be negative")
+        page_size = min(request.page_size or DEFAULT_TREE_PAGE_SIZE, MAX_TREE_PAGE_SIZE)
+        start = _parse_page_token(request.page_token)
+        page: list[re_pb2.Directory] = []
+        page_bytes = 0
+        position = 0
+        for data, directory in self._walk(namespace, root):
+            if position >= start:
+                if page and (len(page) >= page_size or page_bytes + len(data) > MAX_BATCH_TOTAL_SIZE_BYTES):
+                    yield re_pb2.GetTreeResponse(directories=page, next_page_token=str(position))
+                    page, page_bytes = [], 0
+                page.append(directory)
+                page_bytes += len(data)
+            position += 1
+        if start > position:
+            raise BadRequest("page_token is past the end of the tree")
+        yield re_pb2.GetTreeResponse(directories=page)
+
+    def _walk(self, namespace: str, root: BlobDigest) -> Iterator[tuple[bytes, re_pb2.Directory]]:
+        queue = deque([root])
+        seen = {root}
+        while queue:
+            digest = queue.popleft()
+            if digest.size > MAX_BATCH_TOTAL_SIZE_BYTES:
+                raise BadRequest(f"Directory {digest} is larger than a response page")
+            try:
+                data = self.cache.read_small(namespace, digest)
+            except NotFound:
+                if digest == root:
+                    raise
+                continue
+            directory = re_pb2.Directory()
+            try:
+                directory.ParseFromString(data)
+            except DecodeError:
+                raise BadRequest(f"Blob {digest} is not a Directory message") from None
+            for child in directory.directories:
+                child_digest = parse_digest(child.digest, "child directory digest")
+                if child_digest not in seen:
+                    seen.add(child_digest)
+                    queue.append(child_digest)
+            yield data, directory
+
+
+def _parse_page_token(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isdigit() or len(token) > 12:
+        raise BadRequest("Invalid page_token")
+    return int(token)

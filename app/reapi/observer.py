@@ -1,0 +1,119 @@
+"""One server interceptor around every RPC: in-flight count, metrics, logs, error mapping.
+
+This is the REAPI counterpart of BuildGrid's decorator stack: servicers stay
+"parse → cache call → response" and raise domain errors; here each call is
+counted in the node's shared in-flight counter (``/status/rollout`` shows it as
+``grpc_inflight_requests``), timed into ``GRPC_DURATION``, counted by status
+code into ``GRPC_REQUESTS``, and any exception is turned into a status with
+``app.reapi.errors.status_for`` (the one mapping).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterator
+
+import grpc
+
+from app import metrics
+from app.errors import KuraError
+from app.node_state import NodeState
+from app.reapi.errors import status_for
+
+log = logging.getLogger("kura.reapi")
+
+# Codes that are part of normal cache traffic (a miss, a client that went away).
+_QUIET_CODES = frozenset((grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED))
+
+
+class _Call:
+    """Bookkeeping for one RPC from its first byte to its status."""
+
+    def __init__(self, observer: "RpcObserver", method: str) -> None:
+        self.observer = observer
+        self.method = method
+        self.started = time.monotonic()
+        self.done = False
+        observer.node_state.add_inflight(1)
+
+    def fail(self, exc: BaseException, context: grpc.ServicerContext) -> None:
+        """Record the status for ``exc`` and abort the call with it (raises)."""
+        if not context.is_active() and not isinstance(exc, KuraError):
+            self.finish(grpc.StatusCode.CANCELLED)
+            raise exc
+        code, message = status_for(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("event=reapi_internal_error method=%s error=%s", self.method,
+                      type(exc).__name__, exc_info=exc)
+        elif code not in _QUIET_CODES:
+            log.info("event=reapi_rpc_rejected method=%s code=%s message=%r",
+                     self.method, code.name, message)
+        self.finish(code)
+        context.abort(code, message)
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.observer.node_state.add_inflight(-1)
+        metrics.GRPC_REQUESTS.labels(self.method, code.name).inc()
+        metrics.GRPC_DURATION.labels(self.method).observe(time.monotonic() - self.started)
+
+
+class RpcObserver(grpc.ServerInterceptor):
+    """Wraps every method handler of the server (health and reflection included)."""
+
+    def __init__(self, node_state: NodeState) -> None:
+        self.node_state = node_state
+
+    def intercept_service(self, continuation: Callable[[Any], Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        kwargs = {"request_deserializer": handler.request_deserializer,
+                  "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(method, handler.stream_unary), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(method, handler.unary_stream), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(method, handler.stream_stream), **kwargs)
+
+    def _unary(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Any]
+               ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def observed(request: Any, context: grpc.ServicerContext) -> Any:
+            call = _Call(self, method)
+            try:
+                response = behavior(request, context)
+            except Exception as exc:  # noqa: BLE001 - every failure gets a status here
+                call.fail(exc, context)
+                raise  # unreachable: fail() aborts
+            finally:
+                if not call.done:
+                    call.finish(grpc.StatusCode.OK)
+            return response
+        return observed
+
+    def _streaming(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+                   ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        def observed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            call = _Call(self, method)
+            try:
+                yield from behavior(request, context)
+            except GeneratorExit:
+                call.finish(grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as exc:  # noqa: BLE001
+                call.fail(exc, context)
+                raise
+            finally:
+                if not call.done:
+                    call.finish(grpc.StatusCode.OK)
+        return observed
