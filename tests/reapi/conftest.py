@@ -1,0 +1,46 @@
+"""Fixtures: a real grpcio REAPI server on a free loopback port over a real ArtifactStore."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from app.node_state import KIND_REAPI, NodeState, state_path
+from app.reapi.server import ReapiServer, build_server
+from app.settings import Settings
+from app.storage.store import ArtifactStore
+from tests.reapi.reapi_client import Reapi
+
+
+@dataclass
+class RunningReapi:
+    """An in-process REAPI server, its store and a connected client."""
+
+    settings: Settings
+    store: ArtifactStore
+    node_state: NodeState
+    server: ReapiServer
+    client: Reapi
+
+
+@pytest.fixture
+def reapi_settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=str(tmp_path / "data"), tenant_id="acme", bind_host="127.0.0.1",
+                    grpc_port=0, node_url="http://self:7443")
+
+
+@pytest.fixture
+def reapi(reapi_settings: Settings) -> Iterator[RunningReapi]:
+    node_state = NodeState(state_path(reapi_settings.data_dir))
+    node_state.claim_slot(KIND_REAPI)
+    store = ArtifactStore(reapi_settings, node_state=node_state)
+    server = build_server(reapi_settings, store, node_state, port=0)
+    client = Reapi.connect(server.port)
+    try:
+        yield RunningReapi(reapi_settings, store, node_state, server, client)
+    finally:
+        client.close()
+        server.stop(0)
+        node_state.close()
