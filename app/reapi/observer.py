@@ -5,7 +5,8 @@ This is the REAPI counterpart of BuildGrid's decorator stack: servicers stay
 counted in the node's shared in-flight counter (``/status/rollout`` shows it as
 ``grpc_inflight_requests``), timed into ``GRPC_DURATION``, counted by status
 code into ``GRPC_REQUESTS``, and any exception is turned into a status with
-``app.reapi.errors.status_for`` (the one mapping).
+``app.reapi.errors.status_for`` (the one mapping). The tenant named in the
+call's metadata is validated here for every call (``app.reapi.tenancy``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from app import metrics
 from app.errors import KuraError
 from app.node_state import NodeState
 from app.reapi.errors import status_for
+from app.reapi.tenancy import requested_tenant
 
 log = logging.getLogger("kura.reapi")
 
@@ -91,6 +93,7 @@ class RpcObserver(grpc.ServerInterceptor):
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             call = _Call(self, method)
             try:
+                requested_tenant(context.invocation_metadata())
                 response = behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - every failure gets a status here
                 call.fail(exc, context)
@@ -106,6 +109,7 @@ class RpcObserver(grpc.ServerInterceptor):
         def observed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = _Call(self, method)
             try:
+                requested_tenant(context.invocation_metadata())
                 yield from behavior(request, context)
             except GeneratorExit:
                 call.finish(grpc.StatusCode.CANCELLED)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -11,7 +11,9 @@ from app.node_state import KIND_REAPI, NodeState, state_path
 from app.reapi.server import ReapiServer, build_server
 from app.settings import Settings
 from app.storage.store import ArtifactStore
+from tests.nodes import free_port
 from tests.reapi.reapi_client import Reapi
+from tests.reapi.reapi_process import ReapiProcess
 
 
 @dataclass
@@ -44,3 +46,19 @@ def reapi(reapi_settings: Settings) -> Iterator[RunningReapi]:
         client.close()
         server.stop(0)
         node_state.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., ReapiProcess]]:
+    """Start ``python -m app.reapi`` subprocesses on one data dir; all are killed at teardown."""
+    started: list[ReapiProcess] = []
+
+    def start(port: int | None = None, **env: str) -> ReapiProcess:
+        proc = ReapiProcess(tmp_path / "data", port or free_port(),
+                            tmp_path / f"reapi-{len(started)}.log", **env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

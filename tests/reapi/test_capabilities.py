@@ -51,3 +51,13 @@ def test_unimplemented_execution_service(reapi: RunningReapi) -> None:
     with pytest.raises(grpc.RpcError) as err:
         call(object(), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_tenant_metadata(reapi: RunningReapi) -> None:
+    """The node serves one tenant: ids use KURA_TENANT_ID; the header is validated, not trusted."""
+    request = re_pb2.FindMissingBlobsRequest(blob_digests=[re_pb2.Digest(hash="a" * 64, size_bytes=1)])
+    for header in ("x-kura-tenant-id", "x-tuist-account-handle"):
+        reapi.client.cas.FindMissingBlobs(request, metadata=[(header, "acme")], timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            reapi.client.cas.FindMissingBlobs(request, metadata=[(header, "a/../b")], timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

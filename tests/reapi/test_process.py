@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -15,60 +12,7 @@ import pytest
 
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from app.reapi.gen.google.bytestream import bytestream_pb2 as bs_pb2
-from tests.nodes import free_port
 from tests.reapi.reapi_client import Reapi, digest_of, upload_resource
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-class ReapiProcess:
-    """One ``python -m app.reapi`` subprocess, its log and a client."""
-
-    def __init__(self, data_dir: Path, port: int, log_path: Path, **env: str) -> None:
-        self.port = port
-        self.log_path = log_path
-        environment = {k: v for k, v in os.environ.items()
-                       if not k.startswith("KURA_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-        environment.update(KURA_DATA_DIR=str(data_dir), KURA_GRPC_PORT=str(port),
-                           KURA_BIND_HOST="127.0.0.1", KURA_TENANT_ID="acme", **env)
-        self.log = open(log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "app.reapi"], cwd=REPO,
-                                        env=environment, stdout=self.log, stderr=subprocess.STDOUT)
-        self.client: Reapi | None = None
-
-    def wait_listening(self, timeout: float = 30) -> Reapi:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if f"event=reapi_listening port={self.port}" in self.log_path.read_text():
-                self.client = Reapi.connect(self.port)
-                return self.client
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"REAPI process did not start:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.client is not None:
-            self.client.close()
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self.log.close()
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
-    started: list[ReapiProcess] = []
-
-    def start(port: int | None = None, **env: str) -> ReapiProcess:
-        proc = ReapiProcess(tmp_path / "data", port or free_port(),
-                            tmp_path / f"reapi-{len(started)}.log", **env)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 def test_blobs_survive_kill_9_and_restart(spawn) -> None:  # type: ignore[no-untyped-def]
