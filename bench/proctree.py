@@ -1,0 +1,170 @@
+"""Process-tree accounting from /proc: CPU seconds of a server and RSS of its workers.
+
+CPU of a tree = utime+stime+cutime+cstime summed over the live processes under a
+root. cutime/cstime only hold children that were already reaped (and so are no
+longer in the tree), so nothing is counted twice.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _read_stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces: split after its closing paren.
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every live process below it."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        fields = _read_stat(int(name))
+        if fields is None:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def tree_cpu_seconds(root: int) -> float:
+    total = 0
+    for pid in descendants(root):
+        fields = _read_stat(pid)
+        if fields is None:
+            continue
+        # After the paren: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14))
+    return total / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh)
+                for line in fh:
+                    parts = line.split()
+                    local, state, inode = parts[1], parts[3], parts[9]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                        inodes.add(inode)
+        except OSError:
+            continue
+    return inodes
+
+
+def holds_listener(pid: int, port: int) -> bool:
+    """True if ``pid`` has a file descriptor on the listening socket of ``port``."""
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        return False
+    return False
+
+
+def http_workers(master: int, http_port: int, other_ports: tuple[int, ...] = ()) -> list[int]:
+    """Children of a gunicorn master that serve ``http_port`` (and none of ``other_ports``)."""
+    workers = []
+    for pid in descendants(master):
+        if pid == master or not holds_listener(pid, http_port):
+            continue
+        if any(holds_listener(pid, port) for port in other_ports):
+            continue
+        workers.append(pid)
+    return workers
+
+
+@dataclass
+class RssSampler:
+    """Samples VmRSS of a fixed set of pids at ``hz`` on a thread; keeps baseline and peak."""
+
+    pids: list[int]
+    hz: float = 20.0
+    baseline: dict[int, int] = field(default_factory=dict)
+    peak: dict[int, int] = field(default_factory=dict)
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.baseline = {pid: rss_bytes(pid) for pid in self.pids}
+        self.peak = dict(self.baseline)
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = 1.0 / self.hz
+        while not self._stop.wait(interval):
+            for pid in self.pids:
+                value = rss_bytes(pid)
+                if value > self.peak.get(pid, 0):
+                    self.peak[pid] = value
+            self.samples += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def growth(self) -> dict[int, int]:
+        return {pid: self.peak.get(pid, 0) - self.baseline.get(pid, 0) for pid in self.pids}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float, host: str = "127.0.0.1") -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
