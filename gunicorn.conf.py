@@ -56,9 +56,13 @@ _children = []
 def on_starting(server):
     """Master, before anything else: take the data directory and reset per-run state."""
     global _lock, _node_state
+    import logging
+
     from app.datadir_lock import DataDirLock, DataDirLocked
     from app.node_state import NodeState, state_path
 
+    logging.basicConfig(level=_settings.log_level.upper(),
+                        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s %(message)s")
     os.makedirs(_settings.data_dir, exist_ok=True)
     _lock = DataDirLock(_settings.data_dir)
     try:

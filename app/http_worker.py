@@ -9,6 +9,9 @@
 3. Errors raised below Flask (over-long request line, bad headers, broken chunked
    framing) are answered with the JSON ``{"message": ...}`` shape like every other
    error; a draining node closes connections after each answer.
+4. Clean stop. When the worker is told to exit, keep-alive connections that sit idle
+   between requests are closed at once instead of holding the worker for the
+   keep-alive timeout (clients such as ``requests`` keep chunked-upload connections).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import os
 from typing import Any, Callable, Iterable
 
 import gevent
+from gevent import getcurrent
 from gevent.socket import wait_write
 from gunicorn import util as gunicorn_util
 from gunicorn.http import wsgi as gunicorn_wsgi
@@ -82,7 +86,39 @@ def _write_file_counting_fallback(self: gunicorn_wsgi.Response, respiter: Any) -
             self.write(item)
 
 
+class _IdleWait:
+    """The keep-alive wait for a connection's next request, registered so a stopping
+    worker can end it early (the silent Timeout makes gunicorn close the connection)."""
+
+    def __init__(self, idle: dict[Any, gevent.Timeout], seconds: float) -> None:
+        self._idle = idle
+        self._timeout = gevent.Timeout(seconds, False)
+
+    def __enter__(self) -> gevent.Timeout:
+        self._idle[getcurrent()] = self._timeout
+        return self._timeout.__enter__()
+
+    def __exit__(self, typ: Any, value: Any, tb: Any) -> bool | None:
+        self._idle.pop(getcurrent(), None)
+        return self._timeout.__exit__(typ, value, tb)
+
+
 class KuraGeventWorker(GeventWorker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._idle: dict[Any, gevent.Timeout] = {}
+
+    def timeout_ctx(self) -> _IdleWait:
+        return _IdleWait(self._idle, self.cfg.keepalive)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        gevent.spawn(self._close_idle_connections)
+
+    def _close_idle_connections(self) -> None:
+        for greenlet, timeout in list(self._idle.items()):
+            greenlet.kill(timeout, block=False)
+
     def init_process(self) -> None:
         global _serving_paths
         from app import metrics

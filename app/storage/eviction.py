@@ -50,22 +50,21 @@ class Evictor:
 
     def run_once(self) -> int:
         """Evict oldest segments until the store fits its capacity. Returns segments evicted."""
-        segments = self._segments()
-        self._update_hot_watermark(segments)
-        total = sum(size for _, _, size in segments)
         evicted = 0
-        for seg_id, state, size in segments:
+        while True:
+            segments = self._segments()  # re-read: copy-forward appends to the active segment
+            self._update_hot_watermark(segments)
+            total = sum(size for _, _, size in segments)
             if total <= self.capacity_bytes:
                 break
-            if not self._evictable(seg_id, state):
-                continue
-            self.evict_segment(seg_id)
-            total -= size
+            victim = next(((seg_id, size) for seg_id, state, size in segments
+                           if self._evictable(seg_id, state)), None)
+            if victim is None:
+                break
+            self.evict_segment(victim[0])
             evicted += 1
             metrics.EVICTED_SEGMENTS.inc()
-            metrics.EVICTED_BYTES.inc(size)
-        if evicted:
-            self._update_hot_watermark(self._segments())
+            metrics.EVICTED_BYTES.inc(victim[1])
         return evicted
 
     def _update_hot_watermark(self, segments: list[tuple[int, dict, int]]) -> None:

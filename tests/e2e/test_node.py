@@ -1,0 +1,191 @@
+"""The real node: ``gunicorn -c gunicorn.conf.py`` as a subprocess on free loopback ports."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from tests.nodes import REPO, make_node
+
+T = "tenant_id=acme"
+
+
+def metric(node, name: str) -> float:
+    total = 0.0
+    for line in requests.get(node.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_every_route_through_the_real_node(node) -> None:
+    u = node.url
+    assert requests.get(u + "/up").json()["tenant_id"] == "default"
+    assert requests.get(u + "/ready").status_code == 200
+    assert requests.get(u + "/status/rollout").json()["state"] == "serving"
+    assert requests.post(f"{u}/api/cache/cas/c1?{T}", data=b"cas").status_code == 204
+    assert requests.get(f"{u}/api/cache/cas/c1?{T}").content == b"cas"
+    assert requests.put(f"{u}/api/cache/keyvalue?{T}",
+                        json={"cas_id": "c1", "entries": [{"value": "v"}]}).status_code == 204
+    assert requests.get(f"{u}/api/cache/keyvalue/c1?{T}").json() == {"entries": [{"value": "v"}]}
+    start = requests.post(f"{u}/api/cache/module/start?{T}&hash=h&name=n").json()
+    assert requests.post(f"{u}/api/cache/module/part?upload_id={start['upload_id']}&part_number=1",
+                         data=b"mod").status_code == 204
+    assert requests.post(f"{u}/api/cache/module/complete?upload_id={start['upload_id']}",
+                         json={"parts": [1]}).status_code == 204
+    assert requests.head(f"{u}/api/cache/module/x?{T}&hash=h&name=n").status_code == 204
+    assert requests.get(f"{u}/api/cache/module/x?{T}&hash=h&name=n").content == b"mod"
+    assert requests.put(f"{u}/api/cache/gradle/g1?{T}", data=b"gr").status_code == 201
+    assert requests.get(f"{u}/gradle/acme/_/g1").content == b"gr"
+    assert requests.put(f"{u}/v1/cache/n1", data=b"nx").status_code == 200
+    assert requests.get(f"{u}/v1/cache/n1").content == b"nx"
+    assert requests.put(f"{u}/api/metro/cache/m1", data=b"metro").status_code == 200
+    assert requests.get(f"{u}/api/metro/cache/m1").content == b"metro"
+    assert requests.delete(f"{u}/api/cache/clean?{T}").status_code == 204
+    assert requests.get(f"{u}/api/cache/gradle/g1?{T}").status_code == 404
+    r = requests.get(u + "/_internal/status")
+    assert r.status_code == 404 and r.json() == {"message": "Not found"}
+    assert requests.get(node.internal_url + "/_internal/status").json()["tenant_id"] == "default"
+
+
+def test_chunked_upload_without_content_length(node) -> None:
+    chunks = [os.urandom(100_000) for _ in range(20)]
+    r = requests.put(f"{node.url}/api/metro/cache/chunky", data=iter(chunks))
+    assert r.status_code == 200
+    assert requests.get(f"{node.url}/api/metro/cache/chunky").content == b"".join(chunks)
+
+
+def test_64_mib_round_trip_goes_through_sendfile(node) -> None:
+    data = os.urandom(64 * 1024 * 1024)
+    before = metric(node, 'kura_artifact_serving_paths_total{path="sendfile"}')
+    assert requests.put(f"{node.url}/api/cache/gradle/big?{T}", data=data).status_code == 201
+    r = requests.get(f"{node.url}/api/cache/gradle/big?{T}", stream=True)
+    assert r.headers["Content-Length"] == str(len(data))
+    digest = hashlib.sha256()
+    for chunk in r.iter_content(1024 * 1024):
+        digest.update(chunk)
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert metric(node, 'kura_artifact_serving_paths_total{path="sendfile"}') == before + 1
+
+
+def test_50_concurrent_uploads_and_reads(node) -> None:
+    blobs = {f"k{i}": os.urandom(50_000 + i) for i in range(50)}
+
+    def upload(key: str) -> int:
+        return requests.put(f"{node.url}/api/cache/gradle/{key}?{T}", data=blobs[key]).status_code
+
+    def read(key: str) -> bytes:
+        return requests.get(f"{node.url}/api/cache/gradle/{key}?{T}").content
+
+    with ThreadPoolExecutor(50) as pool:
+        assert set(pool.map(upload, blobs)) == {201}
+        assert list(pool.map(read, blobs)) == list(blobs.values())
+    # Metrics from both workers are aggregated into one /metrics.
+    assert metric(node, 'kura_artifact_writes_total{producer="gradle",result="created"}') == 50
+
+
+def test_truncated_upload_from_a_disconnecting_client_is_invisible(node) -> None:
+    with socket.create_connection(("127.0.0.1", node.port)) as sock:
+        sock.sendall(f"PUT /api/cache/gradle/cut?{T} HTTP/1.1\r\nHost: x\r\n"
+                     "Content-Length: 100000\r\n\r\n".encode() + b"x" * 5000)
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert requests.get(f"{node.url}/api/cache/gradle/cut?{T}").status_code == 404
+    assert os.listdir(node.data_dir / "tmp" / "staging") == []
+
+
+def test_errors_below_flask_are_json(node) -> None:
+    r = requests.get(f"{node.url}/api/cache/cas/{'x' * 9000}?{T}")
+    assert r.status_code in (400, 414)
+    assert r.headers["Content-Type"] == "application/json"
+    assert "message" in r.json()
+
+
+def test_second_node_on_same_directory_is_refused(node, tmp_path) -> None:
+    second = make_node(tmp_path, "second", KURA_DATA_DIR=str(node.data_dir))
+    proc = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=REPO,
+                          env=second.env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "in use by another kura-py node" in proc.stderr
+    assert requests.get(node.url + "/up").status_code == 200
+
+
+def test_invalid_configuration_fails_naming_the_variable(tmp_path) -> None:
+    node = make_node(tmp_path, "bad", KURA_PORT="not-a-port")
+    proc = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=REPO,
+                          env=node.env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "KURA_PORT" in proc.stderr
+
+
+def test_sigkill_mid_upload_then_restart(node_factory) -> None:
+    node = node_factory("crashy")
+    acknowledged = {}
+    for i in range(20):
+        data = os.urandom(200_000)
+        assert requests.put(f"{node.url}/api/cache/gradle/ok{i}?{T}", data=data).status_code == 201
+        acknowledged[f"ok{i}"] = data
+
+    def slow_body():
+        yield b"a" * 1_000_000
+        time.sleep(30)
+        yield b"b"
+
+    def slow_upload(i: int) -> None:
+        try:
+            requests.put(f"{node.url}/api/cache/gradle/partial{i}?{T}", data=slow_body(), timeout=20)
+        except requests.RequestException:
+            pass
+
+    threads = [threading.Thread(target=slow_upload, args=(i,), daemon=True) for i in range(5)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    node.kill_all()
+    node.start()
+    for key, data in acknowledged.items():
+        assert requests.get(f"{node.url}/api/cache/gradle/{key}?{T}").content == data
+    for i in range(5):
+        assert requests.get(f"{node.url}/api/cache/gradle/partial{i}?{T}").status_code == 404
+    assert os.listdir(node.data_dir / "tmp" / "staging") == []
+
+
+def test_sigterm_drains_inflight_then_exits(node) -> None:
+    results: dict[str, int] = {}
+    release = threading.Event()
+
+    def slow_body():
+        yield b"x" * 100_000
+        release.wait(20)
+        yield b"y" * 100_000
+
+    def upload() -> None:
+        results["status"] = requests.put(f"{node.url}/api/cache/gradle/drain?{T}",
+                                         data=slow_body(), timeout=30).status_code
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while requests.get(node.url + "/status/rollout").json()["http_inflight_requests"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    node.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    ready = requests.get(node.url + "/ready")
+    assert ready.status_code == 503 and ready.json()["state"] == "draining"
+    refused = requests.get(f"{node.url}/api/cache/gradle/other?{T}")
+    assert refused.status_code == 503
+    assert refused.json() == {"message": "server is draining"}
+    assert refused.headers["Connection"].lower() == "close"
+    release.set()
+    thread.join(30)
+    assert results["status"] == 201
+    assert node.process.wait(30) == 0

@@ -1,0 +1,220 @@
+"""ArtifactStore against real LMDB and segment files in a temp dir."""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import time
+
+import pytest
+
+from app.errors import BudgetExhausted, DigestMismatch, TooLarge, TruncatedBody
+from app.settings import Settings
+from app.storage.eviction import Evictor
+from app.storage.keys import artifact_id
+from app.storage.store import ArtifactStore
+
+
+def put(store: ArtifactStore, key: str, data: bytes, producer: str = "gradle", ns: str = "") -> object:
+    with store.stage() as staged:
+        staged.write(data)
+        staged.finish(expected_size=len(data))
+        return store.put_staged(producer, ns, key, staged)
+
+
+def body(store: ArtifactStore, key: str, producer: str = "gradle", ns: str = "") -> bytes | None:
+    located = store.lookup(producer, ns, key)
+    if located is None:
+        return None
+    return store.read_bytes(located)
+
+
+def test_artifact_id_is_sha256_of_producer_tenant_namespace_key() -> None:
+    expected = hashlib.sha256(b"xcode\0acme\0proj\0blob/abc").digest()
+    assert artifact_id("xcode", "acme", "proj", "blob/abc") == expected
+
+
+def test_round_trip_and_overwrite_bumps_version(store: ArtifactStore) -> None:
+    first = put(store, "k", b"one")
+    second = put(store, "k", b"two!")
+    assert first.created and not second.created
+    assert second.version_ms > first.version_ms
+    assert body(store, "k") == b"two!"
+    assert store.lookup("gradle", "", "k").manifest.size == 4
+
+
+def test_local_write_in_same_millisecond_after_clean_survives(settings: Settings) -> None:
+    frozen = time.time()
+    store = ArtifactStore(settings, clock=lambda: frozen)
+    put(store, "k", b"old")
+    store.delete_namespace("")
+    assert body(store, "k") is None
+    put(store, "k", b"new")  # same clock value as the tombstone
+    assert body(store, "k") == b"new"
+    store.close()
+
+
+def test_replicated_write_is_last_writer_wins(store: ArtifactStore) -> None:
+    local = put(store, "k", b"local")
+    aid = store.artifact_id("gradle", "", "k")
+    manifest = store.lookup_id(aid).manifest
+    seg, off = store.segments.append_bytes(b"older")
+    stale = store._commit(aid, manifest.relocated(seg, off).__class__(
+        "gradle", "", "k", "application/octet-stream", 0, 5, seg, off), None,
+        replicated_version=local.version_ms - 1)
+    assert not stale.applied
+    assert body(store, "k") == b"local"
+    seg, off = store.segments.append_bytes(b"newer")
+    fresh = store._commit(aid, manifest.__class__("gradle", "", "k", "application/octet-stream", 0, 5,
+                                                 seg, off), None, replicated_version=local.version_ms + 10)
+    assert fresh.applied and body(store, "k") == b"newer"
+
+
+def test_replicated_write_older_than_tombstone_is_ignored(store: ArtifactStore) -> None:
+    version = store.delete_namespace("ns")
+    seg, off = store.segments.append_bytes(b"zombie")
+    from app.storage.manifest import Manifest
+    result = store._commit(store.artifact_id("gradle", "ns", "k"),
+                           Manifest("gradle", "ns", "k", "x", 0, 6, seg, off), None,
+                           replicated_version=version - 5)
+    assert not result.applied
+    assert store.lookup("gradle", "ns", "k") is None
+
+
+def test_namespace_clean_removes_only_that_namespace(store: ArtifactStore) -> None:
+    for i in range(30):
+        put(store, f"a{i}", b"x", ns="one")
+        put(store, f"b{i}", b"y", ns="two")
+    store.delete_namespace("one")
+    assert all(store.lookup("gradle", "one", f"a{i}") is None for i in range(30))
+    assert all(body(store, f"b{i}", ns="two") == b"y" for i in range(30))
+    assert list(store.iter_namespace("one")) == []
+    assert store.stats()["artifacts"] == 30
+
+
+def test_outbox_gets_one_row_per_peer_in_the_write_transaction(settings: Settings) -> None:
+    peers = ("http://a:7443", "http://b:7443", "http://self:7443")
+    store = ArtifactStore(settings.with_overrides(peers=peers))
+    put(store, "k", b"v")
+    store.delete_namespace("ns")
+    assert store.outbox.depth() == 4  # 2 peers (self excluded) x 2 changes
+    rows = store.outbox.peek("http://a:7443")
+    assert [r[1]["op"] for r in rows] == ["put", "delete_ns"]
+    assert rows[0][1]["aid"] == store.artifact_id("gradle", "", "k").hex()
+    assert store.outbox.peek("http://self:7443") == []
+    store.close()
+
+
+def test_outbox_over_max_depth_rejects_writes_without_partial_state(settings: Settings) -> None:
+    store = ArtifactStore(settings.with_overrides(peers=("http://a:7443",), outbox_max_depth=2))
+    put(store, "k1", b"1")
+    put(store, "k2", b"2")
+    with pytest.raises(BudgetExhausted, match="KURA_OUTBOX_MAX_DEPTH"):
+        store.check_write_budget()
+    with pytest.raises(BudgetExhausted):
+        put(store, "k3", b"3")
+    assert store.lookup("gradle", "", "k3") is None
+    store.close()
+
+
+def test_tmp_budget_rejects_and_releases(settings: Settings) -> None:
+    store = ArtifactStore(settings.with_overrides(tmp_dir_max_bytes=3 * 1024 * 1024))
+    with store.stage() as staged:
+        staged.write(b"a" * (2 * 1024 * 1024))
+        with pytest.raises(BudgetExhausted, match="KURA_TMP_DIR_MAX_BYTES"):
+            with store.stage() as other:
+                other.write(b"b" * (2 * 1024 * 1024))
+    assert store.staging.used_bytes() == 0
+    put(store, "fits", b"c" * (2 * 1024 * 1024))
+    store.close()
+
+
+def test_staged_body_verification(store: ArtifactStore) -> None:
+    with store.stage() as staged:
+        staged.write(b"abc")
+        with pytest.raises(TruncatedBody):
+            staged.finish(expected_size=10)
+    with store.stage() as staged:
+        staged.write(b"abc")
+        with pytest.raises(DigestMismatch):
+            staged.finish(expected_size=3, expected_sha256="0" * 64)
+    with store.stage(limit=2) as staged:
+        with pytest.raises(TooLarge):
+            staged.write(b"abc")
+
+
+def test_segments_rotate_at_max_size(settings: Settings) -> None:
+    store = ArtifactStore(settings.with_overrides(segment_max_bytes=100_000))
+    for i in range(10):
+        put(store, f"k{i}", bytes([i]) * 30_000)
+    segments = sorted(os.listdir(store.segments_dir))
+    assert len(segments) >= 4
+    assert all(os.path.getsize(os.path.join(store.segments_dir, s)) <= 100_000 for s in segments)
+    assert all(body(store, f"k{i}") == bytes([i]) * 30_000 for i in range(10))
+    store.close()
+
+
+def test_eviction_drops_oldest_segment_but_copies_forward_what_was_read(settings: Settings) -> None:
+    store = ArtifactStore(settings.with_overrides(segment_max_bytes=64 * 1024))
+    for i in range(12):
+        put(store, f"k{i}", bytes([i]) * 40_000)  # one artifact per segment
+    evictor = Evictor(store, capacity_bytes=6 * 40_000)
+    evictor._update_hot_watermark(evictor._segments())
+    store._hot_checked = 0  # re-read the watermark now
+    assert body(store, "k0") == bytes([0]) * 40_000  # read from the oldest segment: hot
+    evicted = evictor.run_once()
+    assert evicted >= 6
+    assert evictor.used_bytes() <= 6 * 40_000
+    assert body(store, "k0") == bytes([0]) * 40_000, "hot artifact must survive eviction"
+    assert store.lookup("gradle", "", "k1") is None, "cold oldest artifact is evicted"
+    assert body(store, "k11") == bytes([11]) * 40_000
+    store.close()
+
+
+def _writer(data_dir: str, prefix: str, count: int) -> None:
+    store = ArtifactStore(Settings(data_dir=data_dir, node_url="http://self:7443"))
+    for i in range(count):
+        put(store, f"{prefix}{i}", f"{prefix}{i}".encode() * 100)
+    store.close()
+
+
+def test_concurrent_writers_from_two_processes(settings: Settings) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(settings.data_dir, p, 200)) for p in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    store = ArtifactStore(settings)
+    for p in ("a", "b"):
+        for i in range(200):
+            assert body(store, f"{p}{i}") == f"{p}{i}".encode() * 100
+    assert len(os.listdir(store.segments_dir)) == 2  # one active segment per process
+    store.close()
+
+
+def test_multipart_janitor_expires_abandoned_uploads(settings: Settings) -> None:
+    from app.storage.multipart import MultipartUploads
+
+    now = [1_000_000.0]
+    store = ArtifactStore(settings, clock=lambda: now[0])
+    uploads = MultipartUploads(store)
+    upload_id = uploads.start("module", "", "builds/h/n")
+    with store.stage() as staged:
+        staged.write(b"p" * 1000)
+        staged.finish()
+        uploads.put_part(upload_id, 1, staged)
+    assert store.staging.used_bytes() == 1000
+    assert uploads.expire(older_than_ms=store.now_ms() - 1000) == 0
+    now[0] += 2 * 24 * 3600
+    assert uploads.expire(older_than_ms=store.now_ms() - settings.multipart_upload_ttl_ms) == 1
+    assert os.listdir(store.multipart_dir) == []
+    assert store.staging.used_bytes() == 0
+    store.close()
+
+
+def test_empty_body_is_stored_inline(store: ArtifactStore) -> None:
+    put(store, "empty", b"")
+    located = store.lookup("gradle", "", "empty")
+    assert located.inline_body == b"" and located.size == 0
