@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 HTTP_REQUESTS = Counter(
     "kura_http_requests_total", "HTTP requests by route template and status",
@@ -44,9 +44,6 @@ BACKPRESSURE = Counter(
     ["budget"])
 MULTIPART_EXPIRED = Counter(
     "kura_multipart_uploads_expired_total", "Abandoned multipart uploads removed by the janitor")
-PROCESS_RSS = Gauge(
-    "kura_process_resident_memory_bytes", "Resident memory of each node process", ["role"],
-    multiprocess_mode="livesum")
 
 
 GRPC_REQUESTS = Counter(

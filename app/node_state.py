@@ -30,6 +30,7 @@ KIND_HTTP = 1
 KIND_REAPI = 2
 KIND_REPLICATOR = 3
 KIND_OTHER = 4
+KIND_NAMES = {KIND_HTTP: "http", KIND_REAPI: "reapi", KIND_REPLICATOR: "replicator", KIND_OTHER: "other"}
 
 
 def pid_alive(pid: int) -> bool:
@@ -132,6 +133,10 @@ class NodeState:
             pid = self._words[base]
             if pid and pid_alive(pid):
                 yield pid, self._words[base + 1], self._words[base + 2], self._words[base + 3]
+
+    def processes(self) -> list[tuple[int, int]]:
+        """``(pid, kind)`` of every live process of the node that claimed a slot."""
+        return [(pid, kind) for pid, kind, _, _ in self._live_slots()]
 
     def inflight(self, kind: int | None = None) -> int:
         return sum(max(0, n) for _, k, n, _ in self._live_slots() if kind is None or k == kind)

@@ -1,6 +1,7 @@
 """Gauges read from the store at scrape time (one value per node, not per process)."""
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry
@@ -10,7 +11,7 @@ from flask import Flask
 from prometheus_flask_exporter import PrometheusMetrics
 
 from app import metrics
-from app.node_state import KIND_HTTP, KIND_REAPI, NodeState
+from app.node_state import KIND_HTTP, KIND_NAMES, KIND_REAPI, NodeState
 from app.storage.store import ArtifactStore
 
 
@@ -33,6 +34,21 @@ class NodeCollector(Collector):
         yield inflight
         yield GaugeMetricFamily("kura_draining", "1 while the node drains",
                                 value=1 if self.node_state.draining else 0)
+        rss = GaugeMetricFamily("kura_process_resident_memory_bytes",
+                                "Resident memory of each process of the node", labels=["role", "pid"])
+        for pid, kind in self.node_state.processes():
+            value = _resident_bytes(pid)
+            if value is not None:
+                rss.add_metric([KIND_NAMES.get(kind, "other"), str(pid)], value)
+        yield rss
+
+
+def _resident_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _Delegate(Collector):

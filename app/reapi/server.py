@@ -21,7 +21,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from app import metrics
 from app.node_state import KIND_REAPI, NodeState, state_path
 from app.reapi.action_cache import ActionCacheService
 from app.reapi.bytestream import ByteStreamService
@@ -45,7 +44,7 @@ log = logging.getLogger("kura.reapi")
 # maximum_concurrent_rpcs is left unset).
 MAX_WORKERS = 320
 MAX_DRAIN_GRACE_S = 120.0
-RSS_REFRESH_S = 5.0
+POLL_S = 1.0
 
 CACHE_SERVICES = (
     re_pb2.DESCRIPTOR.services_by_name["Capabilities"].full_name,
@@ -63,6 +62,18 @@ class ReapiServer:
     port: int
     store: ArtifactStore
     health: health.HealthServicer
+    draining: bool = False
+
+    def follow_drain(self, draining: bool) -> None:
+        """Report NOT_SERVING while the node drains (new calls get UNAVAILABLE meanwhile)."""
+        if draining == self.draining:
+            return
+        self.draining = draining
+        log.info("event=reapi_health serving=%s", str(not draining).lower())
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if draining
+                  else health_pb2.HealthCheckResponse.SERVING)
+        for name in ("", *CACHE_SERVICES):
+            self.health.set(name, status)
 
     def stop(self, grace_s: float) -> None:
         """Refuse new RPCs, wait up to ``grace_s`` for in-flight ones, then close the store."""
@@ -116,14 +127,6 @@ def build_server(settings: Settings, store: ArtifactStore, node_state: NodeState
     return ReapiServer(server, bound, store, health_servicer)
 
 
-def _resident_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the REAPI process until SIGTERM / SIGINT; returns the exit status."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
@@ -157,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("event=reapi_listening port=%d host=%s pid=%d workers=%d data_dir=%s",
              running.port, settings.bind_host, os.getpid(), MAX_WORKERS, settings.data_dir)
 
-    while not stop.wait(RSS_REFRESH_S):
-        metrics.PROCESS_RSS.labels("reapi").set(_resident_bytes())
+    while not stop.wait(POLL_S):
+        running.follow_drain(node_state.draining)
 
     grace_s = min(settings.drain_completion_timeout_ms / 1000.0, MAX_DRAIN_GRACE_S)
     log.info("event=reapi_draining signal=%s grace_s=%.1f inflight=%d",
