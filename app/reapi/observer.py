@@ -6,7 +6,8 @@ counted in the node's shared in-flight counter (``/status/rollout`` shows it as
 ``grpc_inflight_requests``), timed into ``GRPC_DURATION``, counted by status
 code into ``GRPC_REQUESTS``, and any exception is turned into a status with
 ``app.reapi.errors.status_for`` (the one mapping). The tenant named in the
-call's metadata is validated here for every call (``app.reapi.tenancy``).
+call's metadata is validated here for every call (``app.reapi.tenancy``), and
+while the node drains new calls are refused with UNAVAILABLE (probes excepted).
 """
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ from typing import Any, Callable, Iterator
 import grpc
 
 from app import metrics
-from app.errors import KuraError
+from app.errors import Draining, KuraError
 from app.node_state import NodeState
 from app.reapi.errors import status_for
 from app.reapi.tenancy import requested_tenant
 
 log = logging.getLogger("kura.reapi")
 
+# Probes keep answering while the node drains (SPEC §3: only non-probe routes get 503).
+_PROBE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # Codes that are part of normal cache traffic (a miss, a client that went away).
 _QUIET_CODES = frozenset((grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED))
 
@@ -34,9 +37,16 @@ class _Call:
     def __init__(self, observer: "RpcObserver", method: str) -> None:
         self.observer = observer
         self.method = method
+        self.probe = method.startswith(_PROBE_PREFIXES)
         self.started = time.monotonic()
         self.done = False
         observer.node_state.add_inflight(1)
+
+    def admit(self, context: grpc.ServicerContext) -> None:
+        """Refuse new work while the node drains; validate the call's tenant metadata."""
+        if not self.probe and self.observer.node_state.draining:
+            raise Draining()
+        requested_tenant(context.invocation_metadata())
 
     def fail(self, exc: BaseException, context: grpc.ServicerContext) -> None:
         """Record the status for ``exc`` and abort the call with it (raises)."""
@@ -93,7 +103,7 @@ class RpcObserver(grpc.ServerInterceptor):
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             call = _Call(self, method)
             try:
-                requested_tenant(context.invocation_metadata())
+                call.admit(context)
                 response = behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - every failure gets a status here
                 call.fail(exc, context)
@@ -109,7 +119,7 @@ class RpcObserver(grpc.ServerInterceptor):
         def observed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = _Call(self, method)
             try:
-                requested_tenant(context.invocation_metadata())
+                call.admit(context)
                 yield from behavior(request, context)
             except GeneratorExit:
                 call.finish(grpc.StatusCode.CANCELLED)

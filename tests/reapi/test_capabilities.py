@@ -61,3 +61,20 @@ def test_tenant_metadata(reapi: RunningReapi) -> None:
         with pytest.raises(grpc.RpcError) as err:
             reapi.client.cas.FindMissingBlobs(request, metadata=[(header, "a/../b")], timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_draining_node_refuses_new_calls_but_answers_probes(reapi: RunningReapi) -> None:
+    request = re_pb2.FindMissingBlobsRequest(blob_digests=[re_pb2.Digest(hash="a" * 64, size_bytes=1)])
+    health = health_pb2_grpc.HealthStub(reapi.client.channel)
+    reapi.node_state.set("draining", 1)
+    try:
+        reapi.server.follow_drain(True)
+        with pytest.raises(grpc.RpcError) as err:
+            reapi.client.cas.FindMissingBlobs(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        reapi.node_state.set("draining", 0)
+        reapi.server.follow_drain(False)
+    assert len(reapi.client.cas.FindMissingBlobs(request, timeout=10).missing_blob_digests) == 1
