@@ -230,3 +230,32 @@ def test_tmp_budget_exhausted_is_resource_exhausted(tmp_path) -> None:  # type: 
         client.close()
         server.stop(0)
         node_state.close()
+
+
+def test_cancelled_write_leaves_nothing_behind(reapi: RunningReapi) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    d = digest_of(data)
+    first_sent = threading.Event()
+    never = threading.Event()
+
+    def requests():  # type: ignore[no-untyped-def]
+        yield bs_pb2.WriteRequest(resource_name=upload_resource(d), data=data[:1024 * 1024])
+        first_sent.set()
+        never.wait(10)
+
+    future = reapi.client.bytestream.Write.future(requests(), timeout=30)
+    assert first_sent.wait(10)
+    deadline = time.monotonic() + 10
+    while reapi.node_state.tmp_bytes() == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    future.cancel()
+    never.set()
+    deadline = time.monotonic() + 10
+    while (reapi.node_state.inflight(KIND_REAPI) or reapi.node_state.tmp_bytes()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert reapi.node_state.inflight(KIND_REAPI) == 0
+    assert reapi.node_state.tmp_bytes() == 0
+    assert reapi.client.missing([d]) == [d]
+    assert sample("kura_grpc_requests_total", method="/google.bytestream.ByteStream/Write",
+                  code="CANCELLED") >= 1
