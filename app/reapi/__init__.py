@@ -10,6 +10,7 @@ Layout (one module per service, as in bazel-remote / BuildGrid):
 - ``observer.py``      one interceptor for every RPC: metrics, in-flight count, error mapping
 - ``errors.py``        the one mapping from domain errors to gRPC status codes
 - ``digests.py``       digest and resource-name parsing and validation
+- ``tenancy.py``       the tenant a call names in its metadata
 - ``cache.py``         REAPI view of the ArtifactStore (keys, empty blob, read/write metrics)
 - ``capabilities.py``, ``action_cache.py``, ``cas.py``, ``bytestream.py``: the servicers
 - ``gen/``             generated protobuf / grpc modules (``protos/generate.py``)
