@@ -25,6 +25,9 @@ def test_blobs_survive_kill_9_and_restart(spawn) -> None:  # type: ignore[no-unt
     result = re_pb2.ActionResult(output_files=[re_pb2.OutputFile(path="o", digest=small_digest)])
     client.ac.UpdateActionResult(re_pb2.UpdateActionResultRequest(
         instance_name="main", action_digest=digest_of(b"act"), action_result=result), timeout=10)
+    time.sleep(1.5)  # past the main loop's poll interval: the process must still be serving
+    assert first.process.poll() is None, first.log_path.read_text()
+    assert client.missing([small_digest], instance="main") == []
     first.process.send_signal(signal.SIGKILL)
     assert first.process.wait(10) == -signal.SIGKILL
     first.client.close()
