@@ -76,3 +76,22 @@ def test_outbox_full_is_429(tmp_path) -> None:
     r = client.put("/api/cache/gradle/b?tenant_id=t", data=b"2")
     assert r.status_code == 429 and "KURA_OUTBOX_MAX_DEPTH" in r.json["message"]
     app.extensions["kura"].store.close()
+
+
+def test_disk_full_is_429_and_leaves_nothing(client, app, monkeypatch) -> None:
+    import errno
+
+    from app.storage import segments
+
+    def no_space(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(segments, "_copy_and_sync", no_space)
+    r = client.put("/api/cache/gradle/full?tenant_id=a", data=b"x" * 10_000)
+    assert r.status_code == 429
+    assert "disk is full" in r.json["message"] and r.headers["Retry-After"]
+    store = app.extensions["kura"].store
+    assert store.lookup("gradle", "", "full") is None
+    assert store.staging.used_bytes() == 0
+    monkeypatch.undo()
+    assert client.put("/api/cache/gradle/full?tenant_id=a", data=b"x").status_code == 201
