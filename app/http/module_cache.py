@@ -7,7 +7,7 @@ import re
 from flask import Blueprint, Response, jsonify, request
 
 from app import metrics
-from app.errors import BadRequest
+from app.errors import BadRequest, TooLarge
 from app.http import params
 from app.http.artifacts import empty, serve_artifact
 from app.http.bodies import receive_body
@@ -19,6 +19,7 @@ bp = Blueprint("module_cache", __name__)
 PRODUCER = "module"
 NO_BODY_VERSION = (4, 202, 0)  # clients from here on understand 204 for "already cached"
 MAX_PART_NUMBER = 10_000
+MAX_COMPLETE_BODY = 1024 * 1024  # {"parts": [1..10000]} is ~60 KiB
 _VERSION = re.compile(r"^\s*v?(\d+)(?:\.(\d+))?(?:\.(\d+))?")
 
 
@@ -74,8 +75,11 @@ def complete() -> Response:
     upload_id = _upload_id()
     uploads = services().uploads
     uploads.get(upload_id)
+    raw = request.stream.read(MAX_COMPLETE_BODY + 1)
+    if len(raw) > MAX_COMPLETE_BODY:
+        raise TooLarge("Complete request body too large")
     try:
-        doc = json.loads(request.get_data(cache=False) or b"null")
+        doc = json.loads(raw or b"null")
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BadRequest("Invalid JSON body") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("parts"), list):
