@@ -75,6 +75,14 @@ def on_starting(server):
     shutil.rmtree(prom_dir, ignore_errors=True)
     os.makedirs(prom_dir)
     shutil.rmtree(os.path.join(_settings.resolved_tmp_dir, "staging"), ignore_errors=True)
+    if _settings.extensions_active:
+        # Fail at start, naming the variable, rather than in every worker's boot.
+        from app.extensions import Extensions
+        try:
+            Extensions.from_settings(_settings).close()
+        except ConfigError as exc:
+            sys.stderr.write(f"kura: invalid configuration: {exc}\n")
+            sys.exit(1)
     _node_state = NodeState.reset(state_path(_settings.data_dir))
     _node_state.set("started_ms", int(time.time() * 1000))
 

@@ -92,6 +92,9 @@ class Settings:
     extension_hook_timeout_ms: int = 25
     # Every KURA_EXTENSION_* variable, for the per-id signer / JWT / HTTP client settings.
     extension_env: Mapping[str, str] = field(default_factory=dict)
+    # Every KURA_* variable: what a hook script may read with kura.env (tuist.lua reads
+    # KURA_CONTROL_PLANE_* names, for example).
+    script_env: Mapping[str, str] = field(default_factory=dict)
     http_workers: int = 0  # 0: one gevent worker per core
     worker_connections: int = 1000
     segment_max_bytes: int = 512 * MIB
@@ -174,6 +177,7 @@ class Settings:
                 continue
             values[attr] = parse(var, raw)
         values["extension_env"] = {k: v for k, v in env.items() if k.startswith("KURA_EXTENSION_")}
+        values["script_env"] = {k: v for k, v in env.items() if k.startswith("KURA_")}
         settings = cls(**values)
         settings.validate()
         return settings

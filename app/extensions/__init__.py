@@ -85,9 +85,8 @@ kura-py: KURA_EXTENSION_HTTP_CLIENT_<ID>_HEADERS_<NAME> (default request header,
 ``_`` → ``-``), KURA_EXTENSION_RUNTIME_POOL_SIZE (32 Lua states per process),
 KURA_EXTENSION_MEMORY_LIMIT_BYTES (32 MiB per state), KURA_EXTENSION_HOOK_IO_BUDGET_MS
 (5000), KURA_EXTENSION_CREDENTIAL_HEADERS (extra cache-key headers).
-``kura.env(key)`` sees ``KURA_EXTENSION_*`` variables only (Kura: the whole
-environment); tuist.lua reads its introspection client from
-``KURA_EXTENSION_TUIST_INTROSPECT_CLIENT_ID``/``_SECRET`` in that case.
+``kura.env(key)`` sees every ``KURA_*`` variable (Kura: the whole environment), so
+tuist.lua's ``KURA_CONTROL_PLANE_CLIENT_ID``/``_SECRET`` work unchanged.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@
   the client's base URL; ``{status=, headers=, body=}`` where ``body`` is the
   decoded JSON or nil. One retry after 100 ms on a transport error (connect
   failure, timeout, reset), never on an HTTP status.
-- ``kura.env(key)``: a ``KURA_EXTENSION_*`` variable or nil.
+- ``kura.env(key)``: a ``KURA_*`` variable or nil.
 
 Each callable returns ``(ok, value_or_message)``; the Lua wrapper in
 ``sandbox.py`` raises the message as a Lua string error. Messages never contain
@@ -204,7 +204,8 @@ class HostApi:
 
     # -- env -------------------------------------------------------------------
     def env(self, key: Any) -> str | None:
-        """Only ``KURA_EXTENSION_*`` variables are visible (Kura exposes the whole environment)."""
+        """``KURA_*`` variables are visible (Kura exposes the whole environment; the rest of
+        the environment is not configuration of this node and stays out of scripts)."""
         return self._config.env.get(_string(key, "key"))
 
 

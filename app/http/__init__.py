@@ -10,6 +10,7 @@ from typing import Callable
 
 from flask import Flask
 
+from app.extensions import Extensions
 from app.http import errors, instrumentation, node_metrics
 from app.http.services import NodeServices
 from app.node_state import KIND_HTTP, NodeState, state_path
@@ -44,7 +45,8 @@ def create_app(settings: Settings | None = None, *, store: ArtifactStore | None 
     app.config["MAX_CONTENT_LENGTH"] = None
     app.url_map.strict_slashes = False
     app.extensions["kura"] = NodeServices(settings=settings, store=store,
-                                          uploads=MultipartUploads(store), node_state=node_state)
+                                          uploads=MultipartUploads(store), node_state=node_state,
+                                          extensions=Extensions.from_settings(settings))
     errors.register_error_handlers(app)
     instrumentation.install(app)
 

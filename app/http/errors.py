@@ -6,7 +6,7 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from app.errors import BudgetExhausted, KuraError
+from app.errors import Draining, KuraError
 
 log = logging.getLogger("kura.http")
 
@@ -30,9 +30,10 @@ def _http_exception(exc: HTTPException) -> Response:
 
 def _kura_error(exc: KuraError) -> Response:
     headers = {}
-    if isinstance(exc, BudgetExhausted):
-        headers["Retry-After"] = str(exc.retry_after_s)
-    if exc.http_status == 503:
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if isinstance(exc, Draining):
         headers["Connection"] = "close"
     return json_error(exc.http_status, exc.message, headers)
 

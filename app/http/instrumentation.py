@@ -7,7 +7,9 @@ from flask import Flask, Response, g, request
 
 from app import metrics
 from app.errors import Draining
+from app.http import hooks
 from app.http.probes import PROBE_ENDPOINTS
+from app.http.route_table import template_for
 from app.http.services import services
 
 INTERNAL_PREFIX = "/_internal/"
@@ -15,7 +17,7 @@ INTERNAL_PREFIX = "/_internal/"
 
 def _route() -> str:
     rule = request.url_rule
-    return rule.rule if rule is not None else "unmatched"
+    return template_for(request.endpoint, rule.rule if rule is not None else None)
 
 
 def _before() -> None:
@@ -26,9 +28,15 @@ def _before() -> None:
         raise Draining()
     services().node_state.add_inflight(1)
     g.kura_inflight = True
+    extensions = services().extensions
+    if extensions is not None:
+        hooks.authorize_request(extensions)
 
 
 def _after(response: Response) -> Response:
+    extensions = services().extensions
+    if extensions is not None:
+        hooks.add_response_headers(extensions, response)
     route = _route()
     metrics.HTTP_REQUESTS.labels(route, str(response.status_code)).inc()
     started = g.get("kura_started")

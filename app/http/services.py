@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flask import current_app
 
@@ -10,6 +11,9 @@ from app.settings import Settings
 from app.storage.multipart import MultipartUploads
 from app.storage.store import ArtifactStore
 
+if TYPE_CHECKING:
+    from app.extensions import Extensions
+
 
 @dataclass
 class NodeServices:
@@ -17,6 +21,7 @@ class NodeServices:
     store: ArtifactStore
     uploads: MultipartUploads
     node_state: NodeState
+    extensions: "Extensions | None" = None
 
 
 def services() -> NodeServices:

@@ -32,6 +32,8 @@ from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from app.reapi.gen.google.bytestream import bytestream_pb2 as bs_pb2
 from app.reapi.gen.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from app.extensions import Extensions
+from app.extensions.grpc_interceptor import ExtensionsInterceptor
 from app.reapi.observer import RpcObserver
 from app.settings import ConfigError, Settings
 from app.storage.store import ArtifactStore
@@ -99,8 +101,12 @@ def build_server(settings: Settings, store: ArtifactStore, node_state: NodeState
                  max_workers: int = MAX_WORKERS) -> ReapiServer:
     """Build, bind and start the gRPC server over ``store`` (port 0: pick a free one)."""
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reapi")
-    server = grpc.server(executor, interceptors=[RpcObserver(node_state)],
-                         options=server_options())
+    # The observer comes first: it counts and maps the denials the hooks raise.
+    interceptors: list[grpc.ServerInterceptor] = [RpcObserver(node_state)]
+    extensions = Extensions.from_settings(settings)
+    if extensions is not None:
+        interceptors.append(ExtensionsInterceptor(extensions, settings.tenant_id))
+    server = grpc.server(executor, interceptors=interceptors, options=server_options())
     cache = ReapiCache(store)
     re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(), server)
     re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(cache), server)

@@ -189,3 +189,25 @@ def test_sigterm_drains_inflight_then_exits(node) -> None:
     thread.join(30)
     assert results["status"] == 201
     assert node.process.wait(30) == 0
+
+
+def test_broken_hook_script_fails_at_start_naming_the_variable(tmp_path) -> None:
+    script = tmp_path / "broken.lua"
+    script.write_text("function authenticate(ctx) return {")
+    node = make_node(tmp_path, "badhook", KURA_EXTENSION_SCRIPT_PATH=str(script))
+    proc = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=REPO,
+                          env=node.env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "KURA_EXTENSION_SCRIPT_PATH" in proc.stderr
+
+
+def test_hooks_guard_the_real_node(node_factory) -> None:
+    script = REPO / "examples" / "hooks" / "static_tokens.lua"
+    node = node_factory("hooked", KURA_EXTENSION_SCRIPT_PATH=str(script),
+                        KURA_EXTENSION_STATIC_READ_TOKENS="ro", KURA_EXTENSION_STATIC_WRITE_TOKENS="rw")
+    url = f"{node.url}/api/cache/gradle/k?{T}"
+    assert requests.put(url, data=b"v", headers={"Authorization": "Bearer ro"}).status_code == 403
+    assert requests.put(url, data=b"v", headers={"Authorization": "Bearer rw"}).status_code == 201
+    assert requests.get(url, headers={"Authorization": "Bearer ro"}).content == b"v"
+    assert requests.get(url).status_code == 401
+    assert requests.get(node.url + "/up").status_code == 200
