@@ -4,6 +4,7 @@
    small reads; here a file response is sent with ``os.sendfile`` on the
    non-blocking socket, waiting cooperatively for writability on EAGAIN, for
    exactly Content-Length bytes from the file's current offset.
+   Plain artifact hits skip Flask entirely (``app.http.fast_reads``).
 2. Fairness. The worker yields to other greenlets between two requests of one
    keep-alive connection, so one busy connection cannot starve the others.
 3. Errors raised below Flask (over-long request line, bad headers, broken chunked
@@ -32,6 +33,26 @@ from gunicorn.workers.ggevent import GeventWorker
 _serving_paths: Any = None
 
 
+def sendfile_all(sock: Any, file_fd: int, offset: int, nbytes: int) -> None:
+    """Send ``nbytes`` of ``file_fd`` from ``offset`` with ``os.sendfile`` on the gevent
+    socket's non-blocking descriptor, yielding to other greenlets while it is full."""
+    sock_fd = sock.fileno()
+    sent = 0
+    while sent < nbytes:
+        try:
+            n = os.sendfile(sock_fd, file_fd, offset + sent, nbytes - sent)
+        except BlockingIOError:
+            wait_write(sock_fd)
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            raise
+        if n == 0:  # file shorter than promised: never send a short body silently
+            raise OSError(errno.EIO, "segment ended before Content-Length")
+        sent += n
+
+
 def cooperative_sendfile(self: gunicorn_wsgi.Response, respiter: Any) -> bool:
     """Replacement for ``gunicorn.http.wsgi.Response.sendfile`` (see module docstring)."""
     if self.cfg.is_ssl or not self.can_sendfile() or not gunicorn_util.has_fileno(respiter.filelike):
@@ -49,22 +70,8 @@ def cooperative_sendfile(self: gunicorn_wsgi.Response, respiter: Any) -> bool:
     chunked = self.is_chunked()
     if chunked:
         self.sock.sendall(b"%X\r\n" % nbytes)
-    sock_fd = self.sock.fileno()
-    sent = 0
-    while sent < nbytes:
-        try:
-            n = os.sendfile(sock_fd, file_fd, offset + sent, nbytes - sent)
-        except BlockingIOError:
-            wait_write(sock_fd)
-            continue
-        except OSError as exc:
-            if exc.errno == errno.EINTR:
-                continue
-            raise
-        if n == 0:  # file shorter than promised: never send a short body silently
-            raise OSError(errno.EIO, "segment ended before Content-Length")
-        sent += n
-    self.sent += sent
+    sendfile_all(self.sock, file_fd, offset, nbytes)
+    self.sent += nbytes
     if chunked:
         self.sock.sendall(b"\r\n")
     _serving_paths.labels("sendfile").inc()
@@ -107,6 +114,7 @@ class KuraGeventWorker(GeventWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._idle: dict[Any, gevent.Timeout] = {}
+        self._fast_reads: Any = None
 
     def timeout_ctx(self) -> _IdleWait:
         return _IdleWait(self._idle, self.cfg.keepalive)
@@ -131,10 +139,16 @@ class KuraGeventWorker(GeventWorker):
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
+        from app.http.fast_reads import FastReads
+
+        self._fast_reads = FastReads.for_app(self.wsgi, sendfile_all)
         self.wsgi = _close_when_draining(self.wsgi)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
         gevent.sleep(0)  # fairness between keep-alive connections of this worker
+        fast = self._fast_reads
+        if fast is not None and fast.serve(req, sock, self.alive and bool(self.cfg.keepalive)):
+            return True
         return super().handle_request(listener_name, req, sock, addr)
 
 

@@ -20,12 +20,14 @@ from app.storage.store import ArtifactStore
 
 log = logging.getLogger("kura.eviction")
 BATCH = 500
+HOT_TRACKING_FRACTION = 0.75
 
 
 class Evictor:
     def __init__(self, store: ArtifactStore, capacity_bytes: int) -> None:
         self.store = store
         self.capacity_bytes = capacity_bytes
+        self._watermark = -1
 
     def _segments(self) -> list[tuple[int, dict, int]]:
         """``(segment_id, state, bytes on disk)`` oldest first."""
@@ -68,11 +70,18 @@ class Evictor:
         return evicted
 
     def _update_hot_watermark(self, segments: list[tuple[int, dict, int]]) -> None:
-        """Reads from the two oldest segments are remembered for copy-forward."""
+        """Once the store is past 3/4 of its capacity, reads from the two oldest segments are
+        remembered for copy-forward; below that nothing is tracked (no cost on reads)."""
+        total = sum(size for _, _, size in segments)
         ids = [seg_id for seg_id, _, _ in segments]
-        watermark = ids[min(1, len(ids) - 1)] if ids else 0
+        watermark = 0
+        if ids and total >= self.capacity_bytes * HOT_TRACKING_FRACTION:
+            watermark = ids[min(1, len(ids) - 1)]
+        if watermark == self._watermark:
+            return
         with self.store.env.begin(write=True) as txn:
             txn.put(b"hot_watermark", u64(watermark), db=self.store.dbs.meta)
+        self._watermark = watermark
 
     def evict_segment(self, seg_id: int) -> None:
         store, dbs = self.store, self.store.dbs

@@ -31,7 +31,11 @@ class StagedBody:
         self.size = 0
         self._hash = hashlib.sha256()
         try:
-            self._file = tempfile.TemporaryFile(dir=area.directory)
+            try:
+                self._file = tempfile.TemporaryFile(dir=area.directory)
+            except FileNotFoundError:  # the staging directory was removed under us
+                os.makedirs(area.directory, exist_ok=True)
+                self._file = tempfile.TemporaryFile(dir=area.directory)
         except OSError as exc:
             raise_if_disk_full(exc)
             raise

@@ -30,6 +30,8 @@ from app.storage.staging import StagedBody, StagingArea
 
 DELETE_BATCH = 2000
 HOT_WATERMARK_REFRESH_S = 5.0
+HOT_BATCH = 256
+HOT_FLUSH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class ArtifactStore:
         self.peers: tuple[str, ...] = settings.replication_peers
         self._hot_watermark = 0
         self._hot_checked = 0.0
+        self._hot_pending: set[bytes] = set()
+        self._hot_flushed = 0.0
 
     # -- identity ---------------------------------------------------------------
     def artifact_id(self, producer: str, namespace_id: str, key: str) -> bytes:
@@ -166,15 +170,28 @@ class ArtifactStore:
         return data
 
     def _note_read(self, located: Located) -> None:
-        """Mark an artifact read from one of the oldest segments so eviction copies it forward."""
+        """Remember an artifact read from one of the oldest segments, so eviction copies it
+        forward. Marks are batched into one write transaction (a lost batch only makes the
+        LRU a little less exact); the watermark is 0 unless the store nears its capacity."""
         now = self._clock()
         if now - self._hot_checked > HOT_WATERMARK_REFRESH_S:
             with self.env.begin() as txn:
                 self._hot_watermark = read_counter(txn, self.dbs.meta, b"hot_watermark")
             self._hot_checked = now
-        if located.manifest.segment_id and located.manifest.segment_id <= self._hot_watermark:
+        segment_id = located.manifest.segment_id
+        if not segment_id or segment_id > self._hot_watermark:
+            return
+        self._hot_pending.add(located.artifact_id)
+        if len(self._hot_pending) >= HOT_BATCH or now - self._hot_flushed > HOT_FLUSH_S:
+            self.flush_read_marks()
+
+    def flush_read_marks(self) -> None:
+        pending, self._hot_pending = self._hot_pending, set()
+        self._hot_flushed = self._clock()
+        if pending:
             with self.env.begin(write=True) as txn:
-                txn.put(located.artifact_id, b"", db=self.dbs.hot)
+                for aid in pending:
+                    txn.put(aid, b"", db=self.dbs.hot)
 
     # -- writes -------------------------------------------------------------------
     def check_write_budget(self) -> None:
@@ -331,6 +348,7 @@ class ArtifactStore:
                         yield Manifest.decode(raw)
 
     def close(self) -> None:
+        self.flush_read_marks()
         self.segments.close()
         self.env.close()
 

@@ -211,3 +211,34 @@ def test_hooks_guard_the_real_node(node_factory) -> None:
     assert requests.get(url, headers={"Authorization": "Bearer ro"}).content == b"v"
     assert requests.get(url).status_code == 401
     assert requests.get(node.url + "/up").status_code == 200
+
+
+def test_download_fast_path_agrees_with_the_blueprints(node) -> None:
+    u = node.url
+    requests.put(f"{u}/api/cache/keyvalue?{T}", json={"cas_id": "kv", "entries": [{"value": "v"}]})
+    requests.post(f"{u}/api/cache/cas/c?{T}&namespace_id=p", data=b"c" * 10, headers={"Content-Type": "x/y"})
+    big = os.urandom(200_000)
+    requests.put(f"{u}/gradle/acme/proj/g", data=big)
+    requests.put(f"{u}/nx/proj/v1/cache/n", data=b"nx")
+    before = metric(node, 'kura_http_requests_total{route="/api/cache/cas/{id}",status="200"}')
+    kv = requests.get(f"{u}/api/cache/keyvalue/kv?{T}")
+    assert kv.json() == {"entries": [{"value": "v"}]} and kv.headers["Content-Type"] == "application/json"
+    cas = requests.get(f"{u}/api/cache/cas/c?account_handle=acme&project_handle=p")
+    assert cas.content == b"c" * 10 and cas.headers["Content-Type"] == "x/y"
+    assert requests.get(f"{u}/gradle/acme/proj/g/").content == big
+    assert requests.get(f"{u}/api/cache/gradle/g?{T}&namespace_id=proj").content == big
+    assert requests.get(f"{u}/v1/cache/n?namespace_id=proj").content == b"nx"
+    head = requests.head(f"{u}/nx/proj/v1/cache/n")
+    assert head.status_code == 200 and head.headers["Content-Length"] == "2" and head.content == b""
+    # What the fast path leaves to the blueprint still gets the blueprint's answers.
+    assert requests.get(f"{u}/api/cache/cas/c").json() == {"message": "Missing tenant_id"}
+    assert requests.get(f"{u}/api/cache/cas/c?{T}").status_code == 404
+    assert requests.get(f"{u}/api/cache/cas/..?{T}").status_code in (400, 404)
+    assert metric(node, 'kura_http_requests_total{route="/api/cache/cas/{id}",status="200"}') == before + 1
+    # HTTP/1.0 without keep-alive: the node answers and closes.
+    with socket.create_connection(("127.0.0.1", node.port)) as sock:
+        sock.sendall(b"GET /nx/proj/v1/cache/n HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.0 200 OK") and data.endswith(b"\r\n\r\nnx")

@@ -162,12 +162,27 @@ def test_eviction_drops_oldest_segment_but_copies_forward_what_was_read(settings
     evictor._update_hot_watermark(evictor._segments())
     store._hot_checked = 0  # re-read the watermark now
     assert body(store, "k0") == bytes([0]) * 40_000  # read from the oldest segment: hot
+    store.flush_read_marks()
     evicted = evictor.run_once()
     assert evicted >= 6
     assert evictor.used_bytes() <= 6 * 40_000
     assert body(store, "k0") == bytes([0]) * 40_000, "hot artifact must survive eviction"
     assert store.lookup("gradle", "", "k1") is None, "cold oldest artifact is evicted"
     assert body(store, "k11") == bytes([11]) * 40_000
+    store.close()
+
+
+def test_reads_are_not_tracked_while_far_below_capacity(settings: Settings) -> None:
+    store = ArtifactStore(settings.with_overrides(segment_max_bytes=64 * 1024))
+    for i in range(3):
+        put(store, f"k{i}", bytes([i]) * 40_000)
+    evictor = Evictor(store, capacity_bytes=10 * 1024 * 1024)
+    evictor.run_once()
+    store._hot_checked = 0
+    assert body(store, "k0") is not None
+    store.flush_read_marks()
+    with store.env.begin() as txn:
+        assert txn.stat(store.dbs.hot)["entries"] == 0
     store.close()
 
 
