@@ -100,7 +100,9 @@ class SegmentWriter:
                 txn.put(u64(seg.segment_id), json.dumps(doc).encode(), db=self._dbs.segments)
         metrics.SEGMENT_ROTATIONS.inc()
 
-    def _reserve(self, length: int) -> _Active:
+    def _reserve(self, length: int) -> tuple[_Active, int]:
+        """Claim ``length`` bytes at the end of the active segment (rotating it first when
+        they would not fit); the segment stays open until the writer releases it."""
         with self._lock:
             seg = self._active
             if seg is not None and seg.end > 0 and seg.end + length > self._max:
@@ -111,7 +113,9 @@ class SegmentWriter:
             if seg is None:
                 seg = self._active = self._open_new()
             seg.pending += 1
-            return seg
+            offset = seg.end
+            seg.end += length
+            return seg, offset
 
     def _release(self, seg: _Active) -> None:
         with self._lock:
@@ -119,17 +123,11 @@ class SegmentWriter:
             if seg.sealed and seg.pending == 0:
                 os.close(seg.fd)
 
-    def append(self, sources: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
-        """Copy ``(fd, src_offset, length)`` sources back to back into the active segment
-        and fdatasync. Returns ``(segment_id, offset)`` of the first byte."""
-        total = sum(length for _, _, length in sources)
-        seg = self._reserve(total)
+    def _append(self, length: int, write: Callable[..., None], payload: object) -> tuple[int, int]:
+        seg, offset = self._reserve(length)
         try:
-            with self._lock:
-                offset = seg.end
-                seg.end += total
             try:
-                self._offload(_copy_and_sync, seg.fd, offset, list(sources))
+                self._offload(write, seg.fd, offset, payload)
             except OSError as exc:
                 raise_if_disk_full(exc)
                 raise
@@ -137,20 +135,13 @@ class SegmentWriter:
         finally:
             self._release(seg)
 
+    def append(self, sources: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
+        """Copy ``(fd, src_offset, length)`` sources back to back into the active segment
+        and fdatasync. Returns ``(segment_id, offset)`` of the first byte."""
+        return self._append(sum(length for _, _, length in sources), _copy_and_sync, list(sources))
+
     def append_bytes(self, data: bytes) -> tuple[int, int]:
-        seg = self._reserve(len(data))
-        try:
-            with self._lock:
-                offset = seg.end
-                seg.end += len(data)
-            try:
-                self._offload(_write_and_sync, seg.fd, offset, data)
-            except OSError as exc:
-                raise_if_disk_full(exc)
-                raise
-            return seg.segment_id, offset
-        finally:
-            self._release(seg)
+        return self._append(len(data), _write_and_sync, data)
 
     def close(self) -> None:
         with self._lock:
