@@ -35,7 +35,7 @@ def receive_body(limit: int, too_large_message: str = "Payload too large",
     target = store()
     target.check_write_budget()
     stream = request.environ["wsgi.input"]
-    staged = target.stage(limit, too_large_message)
+    staged = target.stage(limit, too_large_message, hashing=expected_sha256 is not None)
     try:
         remaining = declared
         while remaining is None or remaining > 0:

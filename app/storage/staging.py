@@ -23,13 +23,15 @@ RESERVE_STEP = 1024 * 1024
 class StagedBody:
     """One body being received. Use as a context manager; the file is closed on exit."""
 
-    def __init__(self, area: "StagingArea", limit: int | None, too_large_message: str) -> None:
+    def __init__(self, area: "StagingArea", limit: int | None, too_large_message: str,
+                 hashing: bool = True) -> None:
         self._area = area
         self._limit = limit
         self._too_large = too_large_message
         self._reserved = 0
         self.size = 0
-        self._hash = hashlib.sha256()
+        # Hashing costs a CPU pass over the body: only for keys that are digests.
+        self._hash = hashlib.sha256() if hashing else None
         try:
             try:
                 self._file = tempfile.TemporaryFile(dir=area.directory)
@@ -54,7 +56,8 @@ class StagedBody:
         except OSError as exc:
             raise_if_disk_full(exc)
             raise
-        self._hash.update(chunk)
+        if self._hash is not None:
+            self._hash.update(chunk)
         self.size = new_size
 
     def _reserve(self, amount: int) -> None:
@@ -78,6 +81,8 @@ class StagedBody:
 
     @property
     def sha256(self) -> str:
+        if self._hash is None:
+            raise RuntimeError("this body was staged without hashing")
         return self._hash.hexdigest()
 
     def read_all(self) -> bytes:
@@ -123,8 +128,9 @@ class StagingArea:
     def release(self, amount: int) -> None:
         self._state.add_tmp_bytes(-amount)
 
-    def stage(self, limit: int | None = None, too_large_message: str = "Payload too large") -> StagedBody:
-        return StagedBody(self, limit, too_large_message)
+    def stage(self, limit: int | None = None, too_large_message: str = "Payload too large",
+              hashing: bool = True) -> StagedBody:
+        return StagedBody(self, limit, too_large_message, hashing)
 
     def probe_writable(self) -> None:
         """Raise BudgetExhausted early when the budget is already full."""

@@ -206,8 +206,9 @@ class ArtifactStore:
             metrics.BACKPRESSURE.labels("tmp").inc()
             raise
 
-    def stage(self, limit: int | None = None, too_large_message: str = "Payload too large") -> StagedBody:
-        return self.staging.stage(limit, too_large_message)
+    def stage(self, limit: int | None = None, too_large_message: str = "Payload too large",
+              hashing: bool = True) -> StagedBody:
+        return self.staging.stage(limit, too_large_message, hashing)
 
     def put_staged(self, producer: str, namespace_id: str, key: str, staged: StagedBody,
                    content_type: str = "application/octet-stream") -> WriteResult:
