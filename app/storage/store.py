@@ -124,9 +124,11 @@ class ArtifactStore:
         absent = []
         with self.env.begin() as txn:
             tomb = self._tombstone(txn, self.dbs, namespace_id)
+            manifests = self.dbs.manifests
             for key in keys:
-                raw = txn.get(self.artifact_id(producer, namespace_id, key), db=self.dbs.manifests)
-                if raw is None or Manifest.decode(raw).version_ms <= tomb:
+                raw = txn.get(self.artifact_id(producer, namespace_id, key), db=manifests)
+                # Without a tombstone every stored manifest is visible: no need to decode it.
+                if raw is None or (tomb and Manifest.decode(raw).version_ms <= tomb):
                     absent.append(key)
         return absent
 
