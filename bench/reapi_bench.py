@@ -407,5 +407,7 @@ def run_reapi(targets: list[tuple[ReapiTarget, ReapiState]], reps: int, duration
                                                 tg["buildgrid"]["median"]["calls_per_s"])
                 row["ratio_p99"] = ratio(tg["kura"]["median"]["p99_ms"],
                                          tg["buildgrid"]["median"]["p99_ms"])
+                row["ratio_cpu_per_call"] = ratio(tg["kura"]["median"]["server_cpu_ms_per_call"],
+                                                  tg["buildgrid"]["median"]["server_cpu_ms_per_call"])
             rows.append(row)
     return rows

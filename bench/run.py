@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +21,7 @@ from typing import Any
 from bench import http_bench, reapi_bench, report, wrk_load
 from bench.http_bench import HttpTarget
 from bench.memory_bench import run_memory
-from bench.servers import (BuildGridServer, KuraNode, NginxServer, ServerFailed,
+from bench.servers import (REPO, BuildGridServer, KuraNode, NginxServer, ServerFailed,
                            machine_description, nginx_version)
 from bench.startup_bench import run_startup
 from bench.stats import MIB
@@ -30,6 +31,14 @@ SECTIONS = ("http", "reapi", "memory", "startup")
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_description(), "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+        "machine": machine_description(), "commit": _git_commit(), "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
         "config": {k: v for k, v in cfg.items() if k != "reapi_ops"},
         "reapi_operations": [op for op, _ in cfg["reapi_ops"]],
         "references": {"nginx": nginx_version(), "wrk": wrk_load.available()},
