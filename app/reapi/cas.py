@@ -14,7 +14,7 @@ from typing import Iterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from app.errors import BadRequest, KuraError, NotFound
+from app.errors import BadRequest, DigestMismatch, KuraError, NotFound
 from app.reapi.cache import ReapiCache
 from app.reapi.capabilities import MAX_BATCH_ENTRIES, MAX_BATCH_TOTAL_SIZE_BYTES
 from app.reapi.digests import BlobDigest, namespace_for, parse_digest, parse_digests
@@ -70,24 +70,34 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         present = {d for d in parsed if isinstance(d, BlobDigest)}
         present -= set(self.cache.missing(namespace, present))
         response = re_pb2.BatchUpdateBlobsResponse()
+        to_store: list[tuple[BlobDigest, bytes]] = []
+        stored_items = []
         for entry, digest in zip(request.requests, parsed):
             item = response.responses.add(digest=entry.digest)
             if isinstance(digest, BaseException):
                 item.status.CopyFrom(_status(digest))
                 continue
-            try:
-                if digest in present and len(entry.data) == digest.size:
-                    if hashlib.sha256(entry.data).hexdigest() != digest.hash:
-                        raise BadRequest(f"Blob data does not match digest {digest}")
-                    self.cache.note_existing_write()
-                else:
-                    self.cache.put_bytes(namespace, digest, entry.data,
-                                         hashlib.sha256(entry.data).hexdigest())
-                    present.add(digest)
-            except KuraError as exc:
-                item.status.CopyFrom(_status(exc))
+            if len(entry.data) != digest.size or hashlib.sha256(entry.data).hexdigest() != digest.hash:
+                item.status.CopyFrom(_status(DigestMismatch(f"Blob data does not match digest {digest}")))
+                continue
+            if digest in present:
+                self.cache.note_existing_write()
             else:
-                item.status.CopyFrom(_status())
+                to_store.append((digest, entry.data))
+                present.add(digest)
+                stored_items.append(item)
+                continue
+            item.status.CopyFrom(_status())
+        if to_store:
+            # One durable write for the whole batch: every blob in it succeeds or fails together.
+            try:
+                self.cache.put_many(namespace, to_store)
+            except KuraError as exc:
+                outcome = _status(exc)
+            else:
+                outcome = _status()
+            for item in stored_items:
+                item.status.CopyFrom(outcome)
         return response
 
     def BatchReadBlobs(self, request: re_pb2.BatchReadBlobsRequest,

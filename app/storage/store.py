@@ -236,38 +236,67 @@ class ArtifactStore:
         manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data), seg_id, offset)
         return self._commit(aid, manifest, None)
 
-    def _commit(self, aid: bytes, manifest: Manifest, inline_body: bytes | None,
-                replicated_version: int | None = None) -> WriteResult:
-        dbs = self.dbs
-        ns = manifest.namespace_id
+    def put_many(self, producer: str, namespace_id: str, items: Sequence[tuple[str, bytes]],
+                 content_type: str = "application/octet-stream") -> list[WriteResult]:
+        """Publish many small bodies with one segment append, one fdatasync and one LMDB
+        transaction (REAPI BatchUpdateBlobs): all of them or, on error, none."""
+        if not items:
+            return []
+        datas = [data for _, data in items]
+        seg_id, base = self.segments.append_bytes(b"".join(datas)) if any(datas) else (0, 0)
+        results = []
+        offset = base
         # Must not yield while this write transaction is open.
         with self.env.begin(write=True) as txn:
-            old_raw = txn.get(aid, db=dbs.manifests)
-            old = Manifest.decode(old_raw) if old_raw else None
-            tomb = self._tombstone(txn, dbs, ns)
-            old_visible = old is not None and old.version_ms > tomb
-            if replicated_version is not None:
-                if replicated_version <= tomb or (old is not None and replicated_version <= old.version_ms):
-                    return WriteResult(aid, False, old.version_ms if old else tomb, applied=False)
-                version = replicated_version
-            else:
-                if self.peers:
-                    self.outbox.raise_if_full(txn)
-                version = max(self.now_ms(), (old.version_ms + 1) if old else 0, tomb + 1)
-            manifest = Manifest(manifest.producer, ns, manifest.key, manifest.content_type, version,
-                                manifest.size, manifest.segment_id, manifest.offset)
-            txn.put(aid, manifest.encode(), db=dbs.manifests)
-            txn.put(namespace_key(ns) + aid, b"", db=dbs.ns_index)
-            if old is not None and old.segment_id and old.segment_id != manifest.segment_id:
-                txn.delete(u64(old.segment_id) + aid, db=dbs.segment_index)
-            if manifest.segment_id:
-                txn.put(u64(manifest.segment_id) + aid, b"", db=dbs.segment_index)
-                txn.delete(aid, db=dbs.inline)
-            else:
-                txn.put(aid, inline_body or b"", db=dbs.inline)
-            txn.delete(aid, db=dbs.hot)
-            if replicated_version is None:
-                self.outbox.enqueue(txn, self.peers, {"op": "put", "aid": aid.hex(), "v": version})
+            for key, data in items:
+                aid = self.artifact_id(producer, namespace_id, key)
+                if data:
+                    manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data),
+                                        seg_id, offset)
+                    results.append(self._commit_in(txn, aid, manifest, None, None))
+                else:
+                    manifest = Manifest(producer, namespace_id, key, content_type, 0, 0)
+                    results.append(self._commit_in(txn, aid, manifest, b"", None))
+                offset += len(data)
+        return results
+
+    def _commit(self, aid: bytes, manifest: Manifest, inline_body: bytes | None,
+                replicated_version: int | None = None) -> WriteResult:
+        # Must not yield while this write transaction is open.
+        with self.env.begin(write=True) as txn:
+            return self._commit_in(txn, aid, manifest, inline_body, replicated_version)
+
+    def _commit_in(self, txn: lmdb.Transaction, aid: bytes, manifest: Manifest,
+                   inline_body: bytes | None, replicated_version: int | None) -> WriteResult:
+        """Manifest + indexes + outbox rows for one artifact, inside the caller's write txn."""
+        dbs = self.dbs
+        ns = manifest.namespace_id
+        old_raw = txn.get(aid, db=dbs.manifests)
+        old = Manifest.decode(old_raw) if old_raw else None
+        tomb = self._tombstone(txn, dbs, ns)
+        old_visible = old is not None and old.version_ms > tomb
+        if replicated_version is not None:
+            if replicated_version <= tomb or (old is not None and replicated_version <= old.version_ms):
+                return WriteResult(aid, False, old.version_ms if old else tomb, applied=False)
+            version = replicated_version
+        else:
+            if self.peers:
+                self.outbox.raise_if_full(txn)
+            version = max(self.now_ms(), (old.version_ms + 1) if old else 0, tomb + 1)
+        manifest = Manifest(manifest.producer, ns, manifest.key, manifest.content_type, version,
+                            manifest.size, manifest.segment_id, manifest.offset)
+        txn.put(aid, manifest.encode(), db=dbs.manifests)
+        txn.put(namespace_key(ns) + aid, b"", db=dbs.ns_index)
+        if old is not None and old.segment_id and old.segment_id != manifest.segment_id:
+            txn.delete(u64(old.segment_id) + aid, db=dbs.segment_index)
+        if manifest.segment_id:
+            txn.put(u64(manifest.segment_id) + aid, b"", db=dbs.segment_index)
+            txn.delete(aid, db=dbs.inline)
+        else:
+            txn.put(aid, inline_body or b"", db=dbs.inline)
+        txn.delete(aid, db=dbs.hot)
+        if replicated_version is None:
+            self.outbox.enqueue(txn, self.peers, {"op": "put", "aid": aid.hex(), "v": version})
         return WriteResult(aid, not old_visible, version)
 
     def delete_namespace(self, namespace_id: str, replicated_version: int | None = None) -> int:

@@ -233,3 +233,18 @@ def test_empty_body_is_stored_inline(store: ArtifactStore) -> None:
     put(store, "empty", b"")
     located = store.lookup("gradle", "", "empty")
     assert located.inline_body == b"" and located.size == 0
+
+
+def test_put_many_publishes_a_batch_with_one_append(settings: Settings) -> None:
+    store = ArtifactStore(settings.with_overrides(peers=("http://a:7443",)))
+    items = [(f"blob/{i}", bytes([i]) * (i + 1)) for i in range(50)] + [("blob/empty", b"")]
+    results = store.put_many("reapi", "default", items)
+    assert all(r.created for r in results)
+    for key, data in items:
+        located = store.lookup("reapi", "default", key)
+        assert store.read_bytes(located) == data
+    assert len(os.listdir(store.segments_dir)) == 1
+    assert store.outbox.depth() == len(items)
+    again = store.put_many("reapi", "default", items[:2])
+    assert not any(r.created for r in again)
+    store.close()
