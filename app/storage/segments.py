@@ -10,6 +10,7 @@ whole segment (see ``eviction.py``).
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -64,6 +65,7 @@ class SegmentWriter:
         self._offload = offload
         self._lock = threading.Lock()
         self._active: _Active | None = None
+        self._can_adopt = True
         os.makedirs(segments_dir, exist_ok=True)
 
     @property
@@ -79,11 +81,7 @@ class SegmentWriter:
         path = segment_path(self._dir, seg_id)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            dir_fd = os.open(self._dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync_dir(self._dir)
         except OSError as exc:
             raise_if_disk_full(exc)
             raise
@@ -143,6 +141,37 @@ class SegmentWriter:
     def append_bytes(self, data: bytes) -> tuple[int, int]:
         return self._append(len(data), _write_and_sync, data)
 
+    def adopt(self, fd: int, length: int) -> int | None:
+        """Make a fully written anonymous (``O_TMPFILE``) staging file a sealed segment of its
+        own, without copying its bytes: fdatasync it, then link it into the segments
+        directory. Returns the segment id, or None when the file cannot be linked here (another
+        filesystem, no ``/proc``) and the caller must copy instead."""
+        if not self._can_adopt:
+            return None
+        try:
+            self._offload(os.fdatasync, fd)
+        except OSError as exc:
+            raise_if_disk_full(exc)
+            raise
+        with self._env.begin(write=True) as txn:
+            seg_id = next_counter(txn, self._dbs.meta, b"next_segment_id")
+            txn.put(u64(seg_id), json.dumps({"pid": os.getpid(), "created_ms": int(time.time() * 1000),
+                                             "sealed": True, "adopted": True}).encode(),
+                    db=self._dbs.segments)
+        try:
+            _link_anonymous(fd, segment_path(self._dir, seg_id))
+        except OSError as exc:
+            with self._env.begin(write=True) as txn:
+                txn.delete(u64(seg_id), db=self._dbs.segments)
+            if exc.errno in (errno.EXDEV, errno.ENOENT, errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
+                self._can_adopt = False
+                return None
+            raise_if_disk_full(exc)
+            raise
+        self._offload(_fsync_dir, self._dir)
+        metrics.SEGMENTS_CREATED.inc()
+        return seg_id
+
     def close(self) -> None:
         with self._lock:
             if self._active is not None:
@@ -180,6 +209,27 @@ def _pread_pwrite(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, le
     while written < len(data):
         written += os.pwrite(dst_fd, view[written:], dst_offset + written)
     return len(data)
+
+
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+
+
+def _link_anonymous(fd: int, path: str) -> None:
+    """Give the ``O_TMPFILE`` file behind ``fd`` a name. ``linkat(AT_EMPTY_PATH)`` needs
+    CAP_DAC_READ_SEARCH; without it the ``/proc/self/fd`` route works on most kernels."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(path), _AT_EMPTY_PATH) == 0:
+        return
+    os.link(f"/proc/self/fd/{fd}", path)
+
+
+def _fsync_dir(path: str) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _write_and_sync(fd: int, offset: int, data: bytes) -> None:

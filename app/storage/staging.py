@@ -8,16 +8,34 @@ raises ``BudgetExhausted`` and the partial file is dropped.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
-from typing import Callable
+from typing import BinaryIO, Callable
 
 from app.errors import BudgetExhausted, DigestMismatch, TooLarge, TruncatedBody
 from app.node_state import NodeState
 from app.storage.segments import raise_if_disk_full
 
 RESERVE_STEP = 1024 * 1024
+
+
+def _anonymous_file(directory: str) -> BinaryIO:
+    """An unnamed file in ``directory``: gone by itself if the process dies. ``O_TMPFILE``
+    without ``O_EXCL`` so that a finished large body can be linked in as a segment."""
+    tmpfile_flag = getattr(os, "O_TMPFILE", 0)
+    if tmpfile_flag:
+        try:
+            fd = os.open(directory, tmpfile_flag | os.O_RDWR, 0o600)
+        except IsADirectoryError:
+            pass  # kernel or filesystem without O_TMPFILE
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EISDIR):
+                raise
+        else:
+            return os.fdopen(fd, "w+b")
+    return tempfile.TemporaryFile(dir=directory)
 
 
 class StagedBody:
@@ -34,10 +52,10 @@ class StagedBody:
         self._hash = hashlib.sha256() if hashing else None
         try:
             try:
-                self._file = tempfile.TemporaryFile(dir=area.directory)
+                self._file = _anonymous_file(area.directory)
             except FileNotFoundError:  # the staging directory was removed under us
                 os.makedirs(area.directory, exist_ok=True)
-                self._file = tempfile.TemporaryFile(dir=area.directory)
+                self._file = _anonymous_file(area.directory)
         except OSError as exc:
             raise_if_disk_full(exc)
             raise

@@ -29,6 +29,7 @@ from app.storage.segments import Offload, SegmentWriter, direct_call, raise_if_d
 from app.storage.staging import StagedBody, StagingArea
 
 DELETE_BATCH = 2000
+ADOPT_MIN_BYTES = 8 * 1024 * 1024  # bodies from here on get a segment of their own
 HOT_WATERMARK_REFRESH_S = 5.0
 HOT_BATCH = 256
 HOT_FLUSH_S = 1.0
@@ -214,7 +215,14 @@ class ArtifactStore:
 
     def put_staged(self, producer: str, namespace_id: str, key: str, staged: StagedBody,
                    content_type: str = "application/octet-stream") -> WriteResult:
-        """Publish a verified staged body (see ``StagedBody.finish``)."""
+        """Publish a verified staged body (see ``StagedBody.finish``). A large body becomes a
+        segment of its own by linking its staging file (no second copy of the bytes)."""
+        if staged.size >= ADOPT_MIN_BYTES:
+            seg_id = self.segments.adopt(staged.fd, staged.size)
+            if seg_id is not None:
+                aid = self.artifact_id(producer, namespace_id, key)
+                manifest = Manifest(producer, namespace_id, key, content_type, 0, staged.size, seg_id, 0)
+                return self._commit(aid, manifest, None)
         return self.put_sources(producer, namespace_id, key, [(staged.fd, 0, staged.size)],
                                 content_type)
 

@@ -248,3 +248,18 @@ def test_put_many_publishes_a_batch_with_one_append(settings: Settings) -> None:
     again = store.put_many("reapi", "default", items[:2])
     assert not any(r.created for r in again)
     store.close()
+
+
+def test_large_body_becomes_its_own_segment_without_a_copy(store: ArtifactStore) -> None:
+    from app.storage.store import ADOPT_MIN_BYTES
+
+    data = os.urandom(ADOPT_MIN_BYTES + 123)
+    put(store, "small", b"s" * 100)
+    put(store, "large", data)
+    located = store.lookup("gradle", "", "large")
+    assert located.manifest.offset == 0
+    path = os.path.join(store.segments_dir, f"{located.manifest.segment_id:016x}.seg")
+    assert os.path.getsize(path) == len(data)
+    assert store.read_bytes(located) == data
+    assert os.listdir(store.staging.directory) == []
+    assert store.staging.used_bytes() == 0
