@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from email.utils import formatdate
 from typing import Any, Callable
 from urllib.parse import parse_qsl
 
-from gunicorn import util as gunicorn_util
 
 from app import metrics
 from app.errors import KuraError
@@ -44,6 +44,17 @@ _GRADLE_PATH = _Route(ROUTES["gradle.get_by_path"], tenant_required=False)
 _NX = _Route(ROUTES["nx.get"], tenant_required=False)
 _NX_PATH = _Route(ROUTES["nx.get_in_namespace"], tenant_required=False)
 _METRO = _Route(ROUTES["metro.get"], tenant_required=False)
+
+
+_date_cache: list[Any] = [0, ""]
+
+
+def _http_date() -> str:
+    """The Date header, formatted once per second."""
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[0], _date_cache[1] = now, formatdate(now, usegmt=True)
+    return _date_cache[1]
 
 
 def _match(parts: list[str]) -> tuple[_Route, str, str | None] | None:
@@ -124,7 +135,7 @@ class FastReads:
         manifest = located.manifest
         close = not keep_alive or req.should_close()
         head = (f"HTTP/{req.version[0]}.{req.version[1]} 200 OK\r\n"
-                f"Server: kura\r\nDate: {gunicorn_util.http_date()}\r\n"
+                f"Server: kura\r\nDate: {_http_date()}\r\n"
                 f"Connection: {'close' if close else 'keep-alive'}\r\n"
                 f"Content-Type: {route.content_type or manifest.content_type}\r\n"
                 f"Content-Length: {manifest.size}\r\n\r\n").encode("latin-1")
