@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import grpc
 
 from app import metrics
-from app.errors import Draining, KuraError
+from app.errors import Draining
 from app.node_state import NodeState
 from app.reapi.errors import status_for
 from app.reapi.tenancy import requested_tenant
@@ -50,7 +50,9 @@ class _Call:
 
     def fail(self, exc: BaseException, context: grpc.ServicerContext) -> None:
         """Record the status for ``exc`` and abort the call with it (raises)."""
-        if not context.is_active() and not isinstance(exc, KuraError):
+        if not context.is_active():
+            # The client went away (cancelled or deadline): whatever the handler raised on
+            # its way out (often a truncated body), the call's outcome is CANCELLED.
             self.finish(grpc.StatusCode.CANCELLED)
             raise exc
         code, message = status_for(exc)
@@ -67,9 +69,10 @@ class _Call:
         if self.done:
             return
         self.done = True
-        self.observer.node_state.add_inflight(-1)
         metrics.GRPC_REQUESTS.labels(self.method, code.name).inc()
         metrics.GRPC_DURATION.labels(self.method).observe(time.monotonic() - self.started)
+        # Last: a drain (or a test) that sees zero in flight also sees this call's metrics.
+        self.observer.node_state.add_inflight(-1)
 
 
 class RpcObserver(grpc.ServerInterceptor):
