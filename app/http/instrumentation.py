@@ -12,8 +12,6 @@ from app.http.probes import PROBE_ENDPOINTS
 from app.http.route_table import template_for
 from app.http.services import services
 
-INTERNAL_PREFIX = "/_internal/"
-
 
 def _route() -> str:
     rule = request.url_rule

@@ -47,9 +47,12 @@ class _Active:
 
 
 def raise_if_disk_full(exc: OSError) -> None:
+    """Turn running out of disk or file descriptors into backpressure (429), not a 500."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        metrics.BACKPRESSURE.labels("disk").inc()
         raise BudgetExhausted("disk is full: the data directory has no space left") from exc
     if exc.errno in (errno.EMFILE, errno.ENFILE):
+        metrics.BACKPRESSURE.labels("file_descriptors").inc()
         raise BudgetExhausted("file-descriptor budget exhausted") from exc
 
 
