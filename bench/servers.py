@@ -113,6 +113,8 @@ class KuraNode(ManagedProcess):
             "KURA_NODE_URL": f"http://127.0.0.1:{self.internal_port}",
             "KURA_BIND_HOST": "127.0.0.1",
             "KURA_DRAIN_COMPLETION_TIMEOUT_MS": "3000",
+            # Bounded like a real deployment: PUT cells write tens of GiB in new keys.
+            "KURA_CAS_CAPACITY_BYTES": str(8 * 1024 ** 3),
             "KURA_LOG_LEVEL": "info",
         })
         env.update(self.extra_env)

@@ -21,6 +21,7 @@ from app.storage.store import ArtifactStore
 log = logging.getLogger("kura.eviction")
 BATCH = 500
 HOT_TRACKING_FRACTION = 0.75
+MIN_FREE_BYTES = 2 * 1024 ** 3  # or 5 % of the filesystem, whichever is smaller
 
 
 class Evictor:
@@ -28,6 +29,8 @@ class Evictor:
         self.store = store
         self.capacity_bytes = capacity_bytes
         self._watermark = -1
+        stats = os.statvfs(store.segments_dir)
+        self.min_free_bytes = min(MIN_FREE_BYTES, stats.f_blocks * stats.f_frsize // 20)
 
     def _segments(self) -> list[tuple[int, dict, int]]:
         """``(segment_id, state, bytes on disk)`` oldest first."""
@@ -50,14 +53,20 @@ class Evictor:
             return False
         return bool(state.get("sealed")) or not pid_alive(int(state.get("pid", 0)))
 
+    def _free_bytes(self) -> int:
+        stats = os.statvfs(self.store.segments_dir)
+        return stats.f_bavail * stats.f_frsize
+
     def run_once(self) -> int:
-        """Evict oldest segments until the store fits its capacity. Returns segments evicted."""
+        """Evict oldest segments until the store fits its capacity and the filesystem keeps
+        its free-space reserve (a shared disk can fill up before the capacity is reached).
+        Returns the number of segments evicted."""
         evicted = 0
         while True:
             segments = self._segments()  # re-read: copy-forward appends to the active segment
             self._update_hot_watermark(segments)
             total = sum(size for _, _, size in segments)
-            if total <= self.capacity_bytes:
+            if total <= self.capacity_bytes and self._free_bytes() >= self.min_free_bytes:
                 break
             victim = next(((seg_id, size) for seg_id, state, size in segments
                            if self._evictable(seg_id, state)), None)

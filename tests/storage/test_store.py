@@ -263,3 +263,15 @@ def test_large_body_becomes_its_own_segment_without_a_copy(store: ArtifactStore)
     assert store.read_bytes(located) == data
     assert os.listdir(store.staging.directory) == []
     assert store.staging.used_bytes() == 0
+
+
+def test_eviction_also_keeps_a_free_space_reserve(settings: Settings) -> None:
+    store = ArtifactStore(settings.with_overrides(segment_max_bytes=64 * 1024))
+    for i in range(4):
+        put(store, f"k{i}", bytes([i]) * 40_000)
+    evictor = Evictor(store, capacity_bytes=10 * 1024 ** 3)  # capacity far away
+    free = evictor._free_bytes()
+    evictor.min_free_bytes = free + 1  # ... but the disk is short of its reserve
+    assert evictor.run_once() >= 1
+    assert store.lookup("gradle", "", "k0") is None
+    store.close()
