@@ -16,9 +16,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (held open together so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 @dataclass
@@ -103,10 +113,11 @@ def make_node(base: Path, name: str = "node", **overrides: str) -> Node:
     data_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KURA_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    http_port, grpc_port, internal_port = free_ports(3)
     env.update({
-        "KURA_PORT": str(free_port()),
-        "KURA_GRPC_PORT": str(free_port()),
-        "KURA_INTERNAL_PORT": str(free_port()),
+        "KURA_PORT": str(http_port),
+        "KURA_GRPC_PORT": str(grpc_port),
+        "KURA_INTERNAL_PORT": str(internal_port),
         "KURA_BIND_HOST": "127.0.0.1",
         "KURA_DATA_DIR": str(data_dir),
         "KURA_HTTP_WORKERS": "2",
