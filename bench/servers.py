@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.proctree import free_port, wait_for_port
+from bench.proctree import free_port, free_ports, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 BUILDGRID_VENV = REPO / "bench" / ".venv-buildgrid"
@@ -93,9 +93,7 @@ class KuraNode(ManagedProcess):
                  extra_env: dict[str, str] | None = None) -> None:
         super().__init__("kura", workdir)
         self.data_dir = data_dir or (workdir / "kura-data")
-        self.http_port = free_port()
-        self.grpc_port = free_port()
-        self.internal_port = free_port()
+        self.http_port, self.grpc_port, self.internal_port = free_ports(3)
         self.extra_env = extra_env or {}
         self.spawned_at = 0.0
 
