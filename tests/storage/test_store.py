@@ -275,3 +275,17 @@ def test_eviction_also_keeps_a_free_space_reserve(settings: Settings) -> None:
     assert evictor.run_once() >= 1
     assert store.lookup("gradle", "", "k0") is None
     store.close()
+
+
+def test_outbox_rows_complete_and_drop_per_peer(settings: Settings) -> None:
+    store = ArtifactStore(settings.with_overrides(peers=("http://a:7443", "http://b:7443")))
+    for i in range(3):
+        put(store, f"k{i}", b"v")
+    assert sorted(store.outbox.peers_with_rows()) == ["http://a:7443", "http://b:7443"]
+    first_key, _ = store.outbox.peek("http://a:7443", limit=1)[0]
+    store.outbox.complete(first_key)
+    assert len(store.outbox.peek("http://a:7443")) == 2
+    assert store.outbox.drop_peer("http://b:7443") == 3
+    assert list(store.outbox.peers_with_rows()) == ["http://a:7443"]
+    assert store.outbox.depth() == 2
+    store.close()
