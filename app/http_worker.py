@@ -9,7 +9,7 @@
    keep-alive connection, so one busy connection cannot starve the others.
 3. Errors raised below Flask (over-long request line, bad headers, broken chunked
    framing) are answered with the JSON ``{"message": ...}`` shape like every other
-   error; a draining node closes connections after each answer.
+   error; a draining node closes each connection after its answer.
 4. Clean stop. When the worker is told to exit, keep-alive connections that sit idle
    between requests are closed at once instead of holding the worker for the
    keep-alive timeout (clients such as ``requests`` keep chunked-upload connections).
@@ -152,19 +152,17 @@ class KuraGeventWorker(GeventWorker):
         return super().handle_request(listener_name, req, sock, addr)
 
 
-def _close_when_draining(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
-    """gunicorn drops hop-by-hop headers an app sets; turn ``Connection: close`` from the
-    app (draining answers) into gunicorn's own force-close of the connection."""
+def _close_when_draining(app: Any) -> Callable[..., Iterable[bytes]]:
+    """While the node drains, every answer ends its connection (clients reconnect to a node
+    that is not leaving). gunicorn drops hop-by-hop headers an app sets, so this asks
+    gunicorn's own response to close; a serving node pays one flag read per request."""
+    node_state = app.extensions["kura"].node_state
 
     def wsgi(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
-        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            for name, value in headers:
-                if name.lower() == "connection" and value.lower() == "close":
-                    response = getattr(start_response, "__self__", None)
-                    if response is not None:
-                        response.force_close()  # gunicorn then sends Connection: close
-            return start_response(status, headers, exc_info)
-
-        return app(environ, start)
+        if node_state.draining:
+            response = getattr(start_response, "__self__", None)
+            if response is not None:
+                response.force_close()  # gunicorn then sends Connection: close
+        return app(environ, start_response)
 
     return wsgi

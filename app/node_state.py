@@ -62,6 +62,7 @@ class NodeState:
         if self._words[0] != MAGIC:
             self._words[0] = MAGIC
         self._slot = -1
+        self._pid = 0
 
     @classmethod
     def reset(cls, path: str) -> "NodeState":
@@ -100,6 +101,7 @@ class NodeState:
                     self._words[base + 3] = 0
                     self._words[base] = pid
                     self._slot = slot
+                    self._pid = pid
                     return slot
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -115,7 +117,10 @@ class NodeState:
                 self._words[base] = 0
 
     def _own(self) -> int:
-        if self._slot < 0 or self._words[self._base(self._slot)] != os.getpid():
+        """This process's slot, claimed on first use. Compares with the pid remembered at
+        claim time (no getpid syscall on every request); a process never uses a NodeState
+        across a fork, and a released slot is claimed again."""
+        if self._slot < 0 or self._words[self._base(self._slot)] != self._pid:
             self.claim_slot(KIND_OTHER)
         return self._base(self._slot)
 

@@ -90,11 +90,10 @@ class Settings:
     extension_enabled: bool = False
     extension_script_path: str = ""
     extension_hook_timeout_ms: int = 25
-    # Every KURA_EXTENSION_* variable, for the per-id signer / JWT / HTTP client settings.
-    extension_env: Mapping[str, str] = field(default_factory=dict)
-    # Every KURA_* variable: what a hook script may read with kura.env (tuist.lua reads
+    # Every KURA_* variable: the per-id extension settings (signers, JWT verifiers, HTTP
+    # clients) are parsed from it, and hook scripts read it with kura.env (tuist.lua reads
     # KURA_CONTROL_PLANE_* names, for example).
-    script_env: Mapping[str, str] = field(default_factory=dict)
+    kura_env: Mapping[str, str] = field(default_factory=dict)
     http_workers: int = 0  # 0: one gevent worker per core
     worker_connections: int = 1000
     segment_max_bytes: int = 512 * MIB
@@ -176,8 +175,7 @@ class Settings:
             if raw is None or (raw.strip() == "" and attr not in ("tmp_dir", "node_url")):
                 continue
             values[attr] = parse(var, raw)
-        values["extension_env"] = {k: v for k, v in env.items() if k.startswith("KURA_EXTENSION_")}
-        values["script_env"] = {k: v for k, v in env.items() if k.startswith("KURA_")}
+        values["kura_env"] = {k: v for k, v in env.items() if k.startswith("KURA_")}
         settings = cls(**values)
         settings.validate()
         return settings
@@ -199,6 +197,11 @@ class Settings:
             raise ConfigError(
                 f"KURA_EXTENSION_SCRIPT_PATH points to {self.extension_script_path!r}, "
                 "which is not a readable file")
+
+    @property
+    def extension_env(self) -> dict[str, str]:
+        """The ``KURA_EXTENSION_*`` subset of ``kura_env``."""
+        return {k: v for k, v in self.kura_env.items() if k.startswith("KURA_EXTENSION_")}
 
     @property
     def extensions_active(self) -> bool:

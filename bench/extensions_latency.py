@@ -63,7 +63,7 @@ def main() -> None:
             path.write_text(f"local TTL = {ttl}\n" + SCRIPT)
             ext = Extensions.from_settings(Settings(
                 tenant_id="acme", extension_enabled=True, extension_script_path=str(path),
-                extension_env={"KURA_EXTENSION_SIGNER_S_SECRET": base64.b64encode(b"k").decode()}))
+                kura_env={"KURA_EXTENSION_SIGNER_S_SECRET": base64.b64encode(b"k").decode()}))
             assert ext is not None
             for _ in range(200):
                 ext.check(ctx)

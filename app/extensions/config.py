@@ -109,7 +109,7 @@ class ExtensionConfig:
             signers=_parse_signers(env),
             jwt_verifiers=_parse_jwt_verifiers(env),
             http_clients=_parse_http_clients(env),
-            env=dict(settings.script_env) or env,
+            env=dict(settings.kura_env),
         )
 
 

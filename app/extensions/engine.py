@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from app.errors import Forbidden, KuraError, Unauthenticated
+from app.errors import Forbidden, Unauthenticated
 from app.extensions import metrics
 from app.extensions.config import ExtensionConfig
 from app.extensions.context import HookContext, Principal

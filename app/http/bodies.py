@@ -42,9 +42,7 @@ def receive_body(limit: int, too_large_message: str = "Payload too large",
             want = CHUNK if remaining is None else min(CHUNK, remaining)
             try:
                 chunk = stream.read(want)
-            except (OSError, ValueError) as exc:
-                raise TruncatedBody(f"Incomplete body: {exc.__class__.__name__}") from exc
-            except Exception as exc:  # gunicorn's parser errors (NoMoreData, chunk errors)
+            except Exception as exc:  # a reset socket, or gunicorn's NoMoreData / chunk errors
                 raise TruncatedBody(f"Incomplete body: {exc.__class__.__name__}") from exc
             if not chunk:
                 break

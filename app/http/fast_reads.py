@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 
 from app import metrics
 from app.errors import KuraError
-from app.http import params
+from app.http import keyvalue, params, xcode_cas
 from app.http.bodies import SMALL_BODY
 from app.http.route_table import ROUTES, RouteInfo
 from app.http.services import NodeServices
@@ -37,8 +37,8 @@ class _Route:
     content_type: str | None = None
 
 
-_XCODE = _Route(ROUTES["xcode_cas.download"], "blob/")
-_KEYVALUE = _Route(ROUTES["keyvalue.get_entry"], "action_cache/", content_type="application/json")
+_XCODE = _Route(ROUTES["xcode_cas.download"], xcode_cas.KEY_PREFIX)
+_KEYVALUE = _Route(ROUTES["keyvalue.get_entry"], keyvalue.KEY_PREFIX, content_type=keyvalue.CONTENT_TYPE)
 _GRADLE = _Route(ROUTES["gradle.get"])
 _GRADLE_PATH = _Route(ROUTES["gradle.get_by_path"], tenant_required=False)
 _NX = _Route(ROUTES["nx.get"], tenant_required=False)

@@ -23,11 +23,11 @@ def _context(extensions_tenant: str) -> HookContext | None:
     operation = info.operation
     if request.method == "HEAD" and operation == READ:
         operation = INSPECT
-    tenant = view_args.get("tenant") or params.query("tenant_id", "account_handle")
+    tenant = view_args.get("tenant") or params.tenant_id(required=False)
     if "namespace" in view_args:
-        namespace: str | None = "" if view_args["namespace"] == params.TENANT_WIDE else view_args["namespace"]
+        namespace = params.path_namespace(view_args["namespace"])
     else:
-        namespace = params.query("namespace_id", "project_handle") or info.default_namespace
+        namespace = params.namespace_id(info.default_namespace)
     artifact_hash = view_args.get("hash_") or request.args.get("hash")
     artifact_key = (view_args.get("cas_id") or view_args.get("cache_key") or view_args.get("hash_")
                     or request.args.get("name"))

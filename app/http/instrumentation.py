@@ -22,13 +22,13 @@ def _before() -> None:
     g.kura_started = time.perf_counter()
     if request.endpoint in PROBE_ENDPOINTS:
         return
-    if services().node_state.draining:
+    node = services()
+    if node.node_state.draining:
         raise Draining()
-    services().node_state.add_inflight(1)
+    node.node_state.add_inflight(1)
     g.kura_inflight = True
-    extensions = services().extensions
-    if extensions is not None:
-        hooks.authorize_request(extensions)
+    if node.extensions is not None:
+        hooks.authorize_request(node.extensions)
 
 
 def _after(response: Response) -> Response:

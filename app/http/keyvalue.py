@@ -13,6 +13,8 @@ from app.storage.keys import validate_component
 
 bp = Blueprint("keyvalue", __name__)
 PRODUCER = "xcode"
+KEY_PREFIX = "action_cache/"
+CONTENT_TYPE = "application/json"
 
 
 def _parse(raw: bytes) -> tuple[str, bytes]:
@@ -55,13 +57,13 @@ def put_entry() -> Response:
     if declared is not None and len(raw) != declared:
         raise BadRequest(f"Incomplete body: received {len(raw)} of {declared} bytes")
     cas_id, document = _parse(raw)
-    store_document(PRODUCER, namespace, "action_cache/" + cas_id, document)
+    store_document(PRODUCER, namespace, KEY_PREFIX + cas_id, document)
     return empty(204)
 
 
 @bp.get("/api/cache/keyvalue/<cas_id>")
 def get_entry(cas_id: str) -> Response:
     params.tenant_id()
-    key = "action_cache/" + validate_component(cas_id, "cas_id")
+    key = KEY_PREFIX + validate_component(cas_id, "cas_id")
     return serve_artifact(PRODUCER, params.namespace_id(), key, "Key-value entry not found",
-                          content_type="application/json")
+                          content_type=CONTENT_TYPE)

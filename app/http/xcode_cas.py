@@ -11,6 +11,7 @@ from app.storage.keys import validate_component
 
 bp = Blueprint("xcode_cas", __name__)
 PRODUCER = "xcode"
+KEY_PREFIX = "blob/"
 MAX_BYTES = 256 * 1024 * 1024
 
 
@@ -18,7 +19,7 @@ MAX_BYTES = 256 * 1024 * 1024
 def upload(cas_id: str) -> Response:
     params.tenant_id()
     namespace = params.namespace_id()
-    key = "blob/" + validate_component(cas_id, "CAS id")
+    key = KEY_PREFIX + validate_component(cas_id, "CAS id")
     if store().exists(PRODUCER, namespace, key):
         # Already stored: answer without reading the body.
         metrics.ARTIFACT_WRITES.labels(PRODUCER, "exists").inc()
@@ -30,5 +31,5 @@ def upload(cas_id: str) -> Response:
 @bp.get("/api/cache/cas/<cas_id>")
 def download(cas_id: str) -> Response:
     params.tenant_id()
-    key = "blob/" + validate_component(cas_id, "CAS id")
+    key = KEY_PREFIX + validate_component(cas_id, "CAS id")
     return serve_artifact(PRODUCER, params.namespace_id(), key)

@@ -13,7 +13,7 @@ import os
 from typing import BinaryIO, Callable, Iterable, Iterator, TypeVar
 
 from app import metrics
-from app.errors import DigestMismatch, KuraError, NotFound
+from app.errors import KuraError, NotFound
 from app.reapi.digests import BlobDigest
 from app.storage.staging import StagedBody
 from app.storage.store import ArtifactStore, Located

@@ -225,6 +225,7 @@ def test_download_fast_path_agrees_with_the_blueprints(node) -> None:
     assert kv.json() == {"entries": [{"value": "v"}]} and kv.headers["Content-Type"] == "application/json"
     cas = requests.get(f"{u}/api/cache/cas/c?account_handle=acme&project_handle=p")
     assert cas.content == b"c" * 10 and cas.headers["Content-Type"] == "x/y"
+    assert cas.headers["Server"] == "kura", "a hit must be answered by the fast path"
     assert requests.get(f"{u}/gradle/acme/proj/g/").content == big
     assert requests.get(f"{u}/api/cache/gradle/g?{T}&namespace_id=proj").content == big
     assert requests.get(f"{u}/v1/cache/n?namespace_id=proj").content == b"nx"
@@ -232,7 +233,8 @@ def test_download_fast_path_agrees_with_the_blueprints(node) -> None:
     assert head.status_code == 200 and head.headers["Content-Length"] == "2" and head.content == b""
     # What the fast path leaves to the blueprint still gets the blueprint's answers.
     assert requests.get(f"{u}/api/cache/cas/c").json() == {"message": "Missing tenant_id"}
-    assert requests.get(f"{u}/api/cache/cas/c?{T}").status_code == 404
+    miss = requests.get(f"{u}/api/cache/cas/c?{T}")
+    assert miss.status_code == 404 and miss.headers["Server"] != "kura"  # the blueprint's 404
     assert requests.get(f"{u}/api/cache/cas/..?{T}").status_code in (400, 404)
     assert metric(node, 'kura_http_requests_total{route="/api/cache/cas/{id}",status="200"}') == before + 1
     # HTTP/1.0 without keep-alive: the node answers and closes.

@@ -44,7 +44,7 @@ def make_extensions(tmp_path: Path) -> Iterator[Callable[..., Extensions]]:
             path.write_text(script)
         env = dict(env or {})
         settings = Settings(tenant_id=tenant_id, extension_enabled=True, extension_script_path=str(path),
-                            extension_hook_timeout_ms=timeout_ms, extension_env=env)
+                            extension_hook_timeout_ms=timeout_ms, kura_env=env)
         kwargs: dict[str, Any] = {"clock": clock} if clock is not None else {}
         extensions = Extensions.from_settings(settings, **kwargs)
         assert extensions is not None

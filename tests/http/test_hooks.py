@@ -44,8 +44,7 @@ def hooked_app(tmp_path: Path, script: Path, **env: str):  # type: ignore[no-unt
 
     kura_env = {"KURA_EXTENSION_SCRIPT_PATH": str(script), **env}
     settings = Settings(data_dir=str(tmp_path / "data"), extension_script_path=str(script),
-                        extension_env={k: v for k, v in kura_env.items() if k.startswith("KURA_EXTENSION_")},
-                        script_env=kura_env)
+                        kura_env=kura_env)
     return create_app(settings)
 
 

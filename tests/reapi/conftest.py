@@ -11,7 +11,7 @@ from app.node_state import KIND_REAPI, NodeState, state_path
 from app.reapi.server import ReapiServer, build_server
 from app.settings import Settings
 from app.storage.store import ArtifactStore
-from tests.nodes import free_port
+from bench.proctree import free_port
 from tests.reapi.reapi_client import Reapi
 from tests.reapi.reapi_process import ReapiProcess
 

@@ -21,7 +21,7 @@ def reapi_settings(tmp_path: Path) -> Settings:
            "KURA_EXTENSION_STATIC_WRITE_TOKENS": "rw-token"}
     return Settings(data_dir=str(tmp_path / "data"), tenant_id="acme", bind_host="127.0.0.1",
                     grpc_port=0, node_url="http://self:7443", extension_script_path=script,
-                    extension_env=env, script_env=env)
+                    kura_env=env)
 
 
 RO = (("authorization", "Bearer ro-token"),)
