@@ -85,6 +85,7 @@ def on_starting(server):
             sys.exit(1)
     _node_state = NodeState.reset(state_path(_settings.data_dir))
     _node_state.set("started_ms", int(time.time() * 1000))
+    _node_state.set("writer_lock", 1)  # held since acquire() above, until on_exit
 
 
 def when_ready(server):

@@ -73,3 +73,31 @@ def scrape_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)
     return registry
+
+
+# -- replication, bootstrap, membership (Kura's names) -------------------------------
+_KURA_BUCKETS = tuple(0.001 * 2 ** k for k in range(16))  # Kura's exponential_buckets(0.001, 2, 16)
+REPLICATION_REQUESTS = Counter(
+    "kura_replication_requests_total", "Outbox deliveries to peers by target (host:port), operation "
+    "(upsert_artifact, delete_namespace) and result (ok, error)", ["target", "operation", "result"])
+REPLICATION_DURATION = Histogram(
+    "kura_replication_request_duration_seconds", "Duration of outbox deliveries by operation",
+    ["operation"], buckets=_KURA_BUCKETS)
+REPLICATION_APPLY_RESULTS = Counter(
+    "kura_replication_apply_results_total", "Changes received from peers by source (replication, "
+    "bootstrap), item type (artifact, namespace_delete) and outcome (applied, ignored_stale, "
+    "ignored_tombstone, ignored_older)", ["source", "item_type", "outcome"])
+OUTBOX_DELIVERED = Counter(
+    "kura_replication_outbox_delivered_total", "Outbox rows delivered to a peer and deleted")
+OUTBOX_DROPPED = Counter(
+    "kura_replication_outbox_dropped_total", "Outbox rows dropped because their peer left the mesh")
+BOOTSTRAP_RUNS = Counter(
+    "kura_bootstrap_runs_total", "Bootstrap passes by result (ok, error)", ["result"])
+BOOTSTRAP_DURATION = Histogram(
+    "kura_bootstrap_duration_seconds", "Duration of bootstrap passes", buckets=_KURA_BUCKETS)
+BOOTSTRAP_APPLIED = Counter(
+    "kura_bootstrap_applied_items_total", "Items applied by clean bootstrap passes by type "
+    "(artifact, namespace_tombstone)", ["item_type"])
+MEMBERSHIP_PEER_CHANGES = Counter(
+    "kura_membership_peer_changes_total", "Peers discovered or lost by this node's membership",
+    ["change"])

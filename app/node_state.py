@@ -19,6 +19,7 @@ MAGIC = 0x4B5552415354  # "KURAST"
 HEADER_FIELDS = (
     "magic", "draining", "ready", "generation", "discovery_done", "members",
     "bootstrap_known", "bootstrap_completed", "bootstrap_inflight", "started_ms",
+    "writer_lock",  # the master holds the data directory's exclusive lock
 )
 HEADER_WORDS = 16
 SLOT_FIELDS = ("pid", "kind", "inflight", "tmp_bytes")

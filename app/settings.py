@@ -74,6 +74,9 @@ class Settings:
     node_url: str = ""  # default: http://<hostname>:<internal_port>
     peers: tuple[str, ...] = ()
     discovery_dns_name: str = ""
+    discovery_dns_server: str = ""  # kura-py: "host:port" of the DNS server for discovery
+    peer_connect_timeout_ms: int = 5_000  # kura-py
+    peer_idle_timeout_ms: int = 30_000  # kura-py: a peer transfer fails after this long without a byte
     tmp_dir_max_bytes: int = 8 * GIB
     cas_capacity_bytes: int = 0  # 0: 50 % of the data filesystem (resolved at start)
     max_keyvalue_bytes: int = 1 * MIB
@@ -145,6 +148,9 @@ class Settings:
             "KURA_NODE_URL": ("node_url", _parse_node_url),
             "KURA_PEERS": ("peers", _parse_urls),
             "KURA_DISCOVERY_DNS_NAME": ("discovery_dns_name", _parse_str),
+            "KURA_DISCOVERY_DNS_SERVER": ("discovery_dns_server", _parse_host_port),
+            "KURA_PEER_CONNECT_TIMEOUT_MS": ("peer_connect_timeout_ms", _positive),
+            "KURA_PEER_IDLE_TIMEOUT_MS": ("peer_idle_timeout_ms", _positive),
             "KURA_TMP_DIR_MAX_BYTES": ("tmp_dir_max_bytes", _positive),
             "KURA_CAS_CAPACITY_BYTES": ("cas_capacity_bytes", _parse_int),
             "KURA_MAX_KEYVALUE_BYTES": ("max_keyvalue_bytes", _positive),
@@ -230,6 +236,14 @@ def _parse_node_url(name: str, raw: str) -> str:
     value = raw.strip().rstrip("/")
     if value and not (value.startswith("http://") or value.startswith("https://")):
         raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+    return value
+
+
+def _parse_host_port(name: str, raw: str) -> str:
+    value = raw.strip()
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name} must be host:port, got {raw!r}")
     return value
 
 

@@ -6,7 +6,6 @@ patched the process, so LMDB is opened here and never crosses a fork.
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 from flask import Flask
 
@@ -16,21 +15,8 @@ from app.http.services import NodeServices
 from app.node_state import KIND_HTTP, NodeState, state_path
 from app.settings import Settings
 from app.storage.multipart import MultipartUploads
-from app.storage.segments import direct_call
+from app.storage.segments import cooperative_offload
 from app.storage.store import ArtifactStore
-
-
-def _offload() -> Callable[..., object]:
-    """Blocking disk work (segment copy + fdatasync) runs on gevent's thread pool when
-    the process is monkey-patched, so other greenlets keep serving meanwhile."""
-    try:
-        from gevent import get_hub, monkey
-    except ImportError:  # pragma: no cover - gevent is a dependency
-        return direct_call
-    if not monkey.is_module_patched("socket"):
-        return direct_call
-    pool = get_hub().threadpool
-    return lambda fn, *args: pool.apply(fn, args)
 
 
 def create_app(settings: Settings | None = None, *, store: ArtifactStore | None = None) -> Flask:
@@ -39,7 +25,7 @@ def create_app(settings: Settings | None = None, *, store: ArtifactStore | None 
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     node_state = store.node_state if store else NodeState(state_path(settings.data_dir))
     node_state.claim_slot(KIND_HTTP)
-    store = store or ArtifactStore(settings, node_state=node_state, offload=_offload())
+    store = store or ArtifactStore(settings, node_state=node_state, offload=cooperative_offload())
 
     app = Flask("kura", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = None

@@ -32,8 +32,7 @@ class NodeCollector(Collector):
         inflight.add_metric(["http"], self.node_state.inflight(KIND_HTTP))
         inflight.add_metric(["grpc"], self.node_state.inflight(KIND_REAPI))
         yield inflight
-        yield GaugeMetricFamily("kura_draining", "1 while the node drains",
-                                value=1 if self.node_state.draining else 0)
+        yield from self._mesh()
         rss = GaugeMetricFamily("kura_process_resident_memory_bytes",
                                 "Resident memory of each process of the node", labels=["role", "pid"])
         for pid, kind in self.node_state.processes():
@@ -41,6 +40,37 @@ class NodeCollector(Collector):
             if value is not None:
                 rss.add_metric([KIND_NAMES.get(kind, "other"), str(pid)], value)
         yield rss
+
+
+    def _mesh(self) -> Iterator[GaugeMetricFamily]:
+        """Readiness, drain and membership gauges with Kura's names (one value per node)."""
+        node = self.node_state
+        draining = node.draining
+        serving = bool(node.get("ready"))
+        writer_lock = bool(node.get("writer_lock"))
+        ready = serving and writer_lock and not draining
+        traffic = 2 if draining else (1 if serving else 0)
+        settings = self.store.settings
+        info = GaugeMetricFamily("kura_node_info", "This node's identity", labels=["region", "tenant_id"])
+        info.add_metric([settings.region, settings.tenant_id], 1)
+        yield info
+        for name, help_text, value in (
+            ("kura_ready_state", "1 when /ready answers 200", int(ready)),
+            ("kura_drain_state", "1 while the node drains", int(draining)),
+            ("kura_traffic_state", "0 joining, 1 serving, 2 draining", traffic),
+            ("kura_writer_lock_owned", "1 while this node holds its data directory's lock", int(writer_lock)),
+            ("kura_initial_discovery_completed", "1 once the first discovery round answered",
+             node.get("discovery_done")),
+            ("kura_membership_generation", "Membership generation (bumped by topology changes)",
+             node.get("generation")),
+            ("kura_discovered_peer_nodes", "Peers admitted by membership", node.get("members")),
+            ("kura_bootstrap_known_peers", "Known peers", node.get("bootstrap_known")),
+            ("kura_bootstrap_completed_peers", "Peers with a clean bootstrap pass",
+             node.get("bootstrap_completed")),
+            ("kura_bootstrap_inflight_peers", "Peers being bootstrapped from now",
+             node.get("bootstrap_inflight")),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
 
 
 def _resident_bytes(pid: int) -> int | None:

@@ -1,32 +1,160 @@
-"""The node's view of its mesh, published by the replicator for the other processes.
+"""Who is in the mesh: static ``KURA_PEERS`` plus DNS discovery, probed every 2 s (SPEC 6.3).
 
-The replicator owns membership (static ``KURA_PEERS`` + DNS discovery) and writes the
-admitted members to ``<data_dir>/run/members.json`` atomically; the generation and
-readiness flags live in the shared node state (``app.node_state``).
+Each round resolves ``KURA_DISCOVERY_DNS_NAME`` (A and AAAA records, through dnspython
+so the resolver is a real one and can be pointed at a given server), turns every
+address into a peer URL with the scheme and port of ``KURA_NODE_URL`` (for ``https``
+the name itself, as certificates name hosts, not addresses), adds the static peers,
+and asks each for ``/_internal/status``. A peer is admitted when it answers with this
+node's tenant and a node URL that is not this node's. A known peer is dropped after
+``LOSS_ROUNDS`` rounds without an answer (about 6 s), so one lost probe does not churn
+the topology. Any change bumps the generation (``MeshState``); the admitted peers are
+published to ``run/members.json`` for the node's writers.
+
+Initial discovery completes on the first round in which some target answered (this
+node's own address counts), or at once when there is nothing to discover.
 """
 from __future__ import annotations
 
-import json
-import os
+import ipaddress
+import logging
+import time
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import dns.exception
+import dns.resolver
+import gevent
+from gevent.pool import Pool
+
+from app import metrics
+from app.members import write_members
+from app.replication.peer_client import PeerClient, PeerError
+from app.replication.readiness import MeshState
+from app.settings import Settings
+
+log = logging.getLogger("kura.membership")
+
+PROBE_INTERVAL_S = 2.0
+LOSS_ROUNDS = 3
+DNS_LIFETIME_S = 2.0
 
 
-def members_path(data_dir: str) -> str:
-    return os.path.join(data_dir, "run", "members.json")
+class Discovery:
+    """Turns the configuration into the URLs probed each round."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.static = tuple(p.rstrip("/") for p in settings.peers)
+        self.dns_name = settings.discovery_dns_name
+        node = urlsplit(settings.resolved_node_url)
+        self.scheme = node.scheme or "http"
+        self.port = node.port or (443 if self.scheme == "https" else 80)
+        self._resolver: dns.resolver.Resolver | None = None
+        if self.dns_name:
+            self._resolver = _resolver(settings.discovery_dns_server)
+
+    def targets(self) -> list[str]:
+        targets = set(self.static)
+        if self.dns_name:
+            if self.scheme == "https":
+                targets.add(f"https://{self.dns_name}:{self.port}")
+            else:
+                for address in self.resolve():
+                    host = f"[{address}]" if ":" in address else address
+                    targets.add(f"{self.scheme}://{host}:{self.port}")
+        return sorted(targets)
+
+    def resolve(self) -> list[str]:
+        """Addresses of the DNS name (A and AAAA); empty when it does not resolve."""
+        assert self._resolver is not None
+        addresses: list[str] = []
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = self._resolver.resolve(self.dns_name, rdtype, search=True,
+                                                lifetime=DNS_LIFETIME_S)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers):
+                continue
+            except dns.exception.DNSException as exc:
+                log.warning("event=discovery_dns_failed name=%s type=%s error=%s", self.dns_name,
+                            rdtype, type(exc).__name__)
+                continue
+            addresses.extend(str(ipaddress.ip_address(r.address)) for r in answer)
+        return sorted(set(addresses))
 
 
-def write_members(data_dir: str, members: list[str]) -> None:
-    path = members_path(data_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(sorted(members), fh)
-    os.replace(tmp, path)
+def _resolver(server: str) -> dns.resolver.Resolver:
+    """The system resolver (``/etc/resolv.conf``), or the ``host:port`` server given."""
+    if not server:
+        resolver = dns.resolver.Resolver()
+    else:
+        host, _, port = server.rpartition(":")
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [host.strip("[]")]
+        resolver.port = int(port)
+    resolver.cache = None  # members come and go: ask every round
+    return resolver
 
 
-def read_members(data_dir: str) -> list[str]:
-    try:
-        with open(members_path(data_dir)) as fh:
-            members = json.load(fh)
-    except (FileNotFoundError, ValueError):
-        return []
-    return [m for m in members if isinstance(m, str)]
+class Membership:
+    def __init__(self, settings: Settings, client: PeerClient, mesh: MeshState, *,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.settings = settings
+        self.client = client
+        self.mesh = mesh
+        self.discovery = Discovery(settings)
+        self._on_change = on_change
+        self._greenlet: gevent.Greenlet | None = None
+        self.rounds = 0
+
+    def start(self) -> None:
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill()
+
+    def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                self.probe_round()
+            except Exception:  # noqa: BLE001 - membership must keep going
+                log.exception("event=membership_round_failed")
+            gevent.sleep(max(0.1, PROBE_INTERVAL_S - (time.monotonic() - started)))
+
+    def probe_round(self) -> None:
+        targets = self.discovery.targets()
+        answers: dict[str, dict[str, Any]] = {}
+
+        def probe(target: str) -> None:
+            try:
+                answers[target] = self.client.status(target)
+            except PeerError as exc:
+                log.debug("event=peer_probe_failed target=%s error=%s", target, exc)
+
+        Pool(32).map(probe, targets)
+        seen: dict[str, dict[str, Any]] = {}
+        own = self.mesh.own_url
+        for target, doc in answers.items():
+            node_url = str(doc.get("node_url", "")).rstrip("/")
+            if doc.get("tenant_id") != self.settings.tenant_id:
+                log.debug("event=peer_rejected target=%s reason=tenant", target)
+                continue
+            if not node_url or node_url == own:
+                continue
+            seen[node_url] = doc
+        observed = not targets or bool(answers)
+        before = self.mesh.generation
+        joined, left = self.mesh.apply_membership(seen, observed, LOSS_ROUNDS)
+        self.rounds += 1
+        for url in joined:
+            metrics.MEMBERSHIP_PEER_CHANGES.labels("discovered").inc()
+            log.info("event=peer_joined peer=%s generation=%d", url, self.mesh.generation)
+        for url in left:
+            metrics.MEMBERSHIP_PEER_CHANGES.labels("lost").inc()
+            log.warning("event=peer_left peer=%s generation=%d", url, self.mesh.generation)
+        if self.mesh.generation != before or self.rounds == 1:
+            write_members(self.settings.data_dir, list(self.mesh.peers))
+            if self.mesh.generation != before:
+                log.info("event=membership_changed generation=%d peers=%d",
+                         self.mesh.generation, len(self.mesh.peers))
+            self._on_change()

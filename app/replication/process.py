@@ -1,63 +1,121 @@
-"""The replicator process (``python -m app.replication``): one per node, gevent-based.
+"""The replicator process (``python -m app.replication``): the mesh's composition root.
 
-Owns the node-wide background work: readiness (discovery), the internal API, and
-store housekeeping (capacity eviction, multipart janitor). Outbox draining and
-bootstrap from peers plug in here.
+One per node, gevent-based. It owns: the internal peer API on ``KURA_INTERNAL_PORT``
+(``internal_api``), membership and discovery (``membership``), bootstrap from peers
+(``bootstrap``), outbox delivery (``drain``), the readiness gate (``readiness``), and
+store housekeeping (capacity eviction, multipart janitor). It publishes the mesh view
+to the node's other processes (``run/members.json``, ``run/mesh.json`` and the shared
+node state) every ``PUBLISH_S``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
 
 from app.node_state import KIND_REPLICATOR, NodeState, state_path
-from app.replication.membership import write_members
 from app.settings import Settings
-from app.storage.housekeeping import Housekeeper
-from app.storage.store import ArtifactStore
 
 log = logging.getLogger("kura.replicator")
+PUBLISH_S = 0.25
 
 
 def main() -> None:
     from gevent import monkey
 
     monkey.patch_all()
-    from gevent.pywsgi import WSGIServer
+    import gevent
+    from gevent.pywsgi import WSGIHandler, WSGIServer
 
+    from app.replication.bootstrap import Bootstrapper
+    from app.replication.drain import OutboxDrainer
     from app.replication.internal_api import create_internal_app
+    from app.replication.membership import Membership
+    from app.replication.peer_client import PeerClient
+    from app.replication.readiness import SETTLE_S, MeshState, publish
+    from app.storage.housekeeping import Housekeeper
+    from app.storage.segments import cooperative_offload
+    from app.storage.store import ArtifactStore
 
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     node_state = NodeState(state_path(settings.data_dir))
     node_state.claim_slot(KIND_REPLICATOR)
-    store = ArtifactStore(settings, node_state=node_state)
+    offload = cooperative_offload()
+    store = ArtifactStore(settings, node_state=node_state, offload=offload)
     housekeeper = Housekeeper(store)
     housekeeper.start()
 
+    # With nothing to discover (no KURA_PEERS, no DNS name) the topology cannot change, so
+    # there is nothing to settle: a single node is ready after its first round.
+    alone = not settings.peers and not settings.discovery_dns_name
+    mesh = MeshState(settings.resolved_node_url, settle_s=0.0 if alone else SETTLE_S)
+    client = PeerClient(connect_timeout_s=settings.peer_connect_timeout_ms / 1000,
+                        idle_timeout_s=settings.peer_idle_timeout_ms / 1000)
+    idle_timeout_s = settings.peer_idle_timeout_ms / 1000
+
+    class IdleTimeoutHandler(WSGIHandler):
+        """A peer that sends nothing for the idle timeout is cut off (never a total timeout)."""
+
+        def handle(self) -> None:
+            self.socket.settimeout(idle_timeout_s)
+            super().handle()
+
     server = WSGIServer((settings.bind_host, settings.internal_port),
-                        create_internal_app(settings), log=None)
+                        create_internal_app(settings, store, known_peers=mesh.known_peers),
+                        log=None, handler_class=IdleTimeoutHandler)
     server.start()
 
-    # Discovery: with no peers and no DNS name there is nothing to wait for. Peer
-    # membership, bootstrap and readiness for a mesh arrive with replication.
-    write_members(settings.data_dir, [])
-    node_state.set("discovery_done", 1)
-    node_state.set("generation", max(1, node_state.get("generation")))
-    if not settings.replication_peers and not settings.discovery_dns_name:
-        if not node_state.draining:
-            node_state.set("ready", 1)
-    else:
-        log.warning("event=replication_unavailable peers=%d: this build cannot bootstrap from "
-                    "peers yet; the node stays joining", len(settings.replication_peers))
-    log.info("event=replicator_started internal_port=%d", settings.internal_port)
+    published: dict[str, str] = {}
+
+    def publish_state() -> None:
+        serving = mesh.maybe_mark_serving(node_state.draining)
+        snapshot = mesh.snapshot()
+        node_state.set("generation", mesh.generation)
+        node_state.set("discovery_done", int(mesh.initial_discovery_completed))
+        node_state.set("members", len(mesh.peers))
+        node_state.set("bootstrap_known", len(snapshot["known_peers"]))
+        node_state.set("bootstrap_completed", len(snapshot["bootstrapped_peers"]))
+        node_state.set("bootstrap_inflight", len(snapshot["bootstrap_inflight_peers"]))
+        node_state.set("ready", int(serving and not node_state.draining))
+        key = json.dumps({k: v for k, v in snapshot.items() if k != "written_ms"}, sort_keys=True)
+        if published.get("key") != key:
+            publish(settings.data_dir, snapshot)
+            published["key"] = key
+
+    membership = Membership(settings, client, mesh)
+    bootstrapper = Bootstrapper(settings, store, client, mesh, offload=offload)
+    drainer = OutboxDrainer(store, client, lambda: tuple(mesh.peers),
+                            lambda: mesh.initial_discovery_completed)
+    membership.start()
+    bootstrapper.start()
+    drainer.start()
+
+    def publish_forever() -> None:
+        while True:
+            try:
+                publish_state()
+            except Exception:  # noqa: BLE001
+                log.exception("event=publish_failed")
+            gevent.sleep(PUBLISH_S)
+
+    publisher = gevent.spawn(publish_forever)
+    log.info("event=replicator_started internal_port=%d node_url=%s peers=%d dns_name=%s",
+             settings.internal_port, settings.resolved_node_url, len(settings.peers),
+             settings.discovery_dns_name or "-")
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
+    publisher.kill()
+    membership.stop()
+    bootstrapper.stop()
+    drainer.stop()
     server.stop(timeout=5)
+    client.close()
     housekeeper.stop()
     store.close()
     log.info("event=replicator_stopped")

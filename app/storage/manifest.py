@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -15,10 +15,16 @@ class Manifest:
     size: int
     segment_id: int = 0  # 0: the body is stored inline in LMDB
     offset: int = 0
+    origin: str = ""  # node URL that made this version (breaks version_ms ties)
 
     @property
     def inline(self) -> bool:
         return self.segment_id == 0
+
+    @property
+    def order(self) -> tuple[int, str]:
+        """Position in last-writer-wins order: see ``version_order``."""
+        return version_order(self.version_ms, self.origin)
 
     def encode(self) -> bytes:
         doc = {"p": self.producer, "n": self.namespace_id, "k": self.key,
@@ -26,6 +32,8 @@ class Manifest:
         if self.segment_id:
             doc["seg"] = self.segment_id
             doc["off"] = self.offset
+        if self.origin:
+            doc["o"] = self.origin
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -33,8 +41,21 @@ class Manifest:
         doc = json.loads(raw)
         return cls(producer=doc["p"], namespace_id=doc["n"], key=doc["k"],
                    content_type=doc["ct"], version_ms=doc["v"], size=doc["s"],
-                   segment_id=doc.get("seg", 0), offset=doc.get("off", 0))
+                   segment_id=doc.get("seg", 0), offset=doc.get("off", 0), origin=doc.get("o", ""))
 
     def relocated(self, segment_id: int, offset: int) -> "Manifest":
-        return Manifest(self.producer, self.namespace_id, self.key, self.content_type,
-                        self.version_ms, self.size, segment_id, offset)
+        return replace(self, segment_id=segment_id, offset=offset)
+
+    def versioned(self, version_ms: int, origin: str) -> "Manifest":
+        return replace(self, version_ms=version_ms, origin=origin)
+
+
+def version_order(version_ms: int, origin: str) -> tuple[int, str]:
+    """The total order of last-writer-wins, the same on every node and in bootstrap.
+
+    ``version_ms`` (the origin's wall clock) decides; two writes of one key made on two
+    nodes in the same millisecond are ordered by their origin node URL, so every node
+    keeps the same one. One node never makes two versions of a key with the same
+    ``version_ms`` (a local write takes ``stored + 1`` at least), so the pair is unique.
+    """
+    return (version_ms, origin)

@@ -11,7 +11,7 @@ import lmdb
 
 from app import metrics
 from app.errors import BudgetExhausted
-from app.storage.lmdb_env import Databases, next_counter, u64
+from app.storage.lmdb_env import Databases, next_counter, read_counter, u64
 
 
 class Outbox:
@@ -19,6 +19,11 @@ class Outbox:
         self._env = env
         self._dbs = dbs
         self.max_depth = max_depth
+
+    def last_seq(self) -> int:
+        """The sequence number of the newest row ever enqueued (moves on every enqueue)."""
+        with self._env.begin() as txn:
+            return read_counter(txn, self._dbs.meta, b"outbox_seq")
 
     def depth(self) -> int:
         with self._env.begin() as txn:
@@ -39,13 +44,15 @@ class Outbox:
         for peer in peers:
             txn.put(peer.encode() + b"\0" + seq, body, db=self._dbs.outbox)
 
-    def peek(self, peer: str, limit: int = 100) -> list[tuple[bytes, dict[str, Any]]]:
-        """The oldest ``limit`` rows for ``peer`` as ``(row_key, message)``."""
+    def peek(self, peer: str, limit: int = 100, after: bytes | None = None
+             ) -> list[tuple[bytes, dict[str, Any]]]:
+        """The oldest ``limit`` rows for ``peer`` as ``(row_key, message)``, starting after the
+        row key ``after`` (so a large backlog is read a window at a time)."""
         prefix = peer.encode() + b"\0"
         rows = []
         with self._env.begin() as txn:
             cursor = txn.cursor(db=self._dbs.outbox)
-            if cursor.set_range(prefix):
+            if cursor.set_range(after + b"\0" if after else prefix):
                 for key, value in cursor:
                     if not key.startswith(prefix) or len(rows) >= limit:
                         break
@@ -53,8 +60,29 @@ class Outbox:
         return rows
 
     def complete(self, row_key: bytes) -> None:
+        self.complete_many((row_key,))
+
+    def complete_many(self, row_keys: Sequence[bytes]) -> None:
+        """Delete delivered rows in one transaction (a row whose deletion is lost to a crash
+        is only delivered twice, which is harmless)."""
+        if not row_keys:
+            return
         with self._env.begin(write=True) as txn:
-            txn.delete(row_key, db=self._dbs.outbox)
+            for key in row_keys:
+                txn.delete(key, db=self._dbs.outbox)
+
+    def count_for(self, peer: str, cap: int) -> int:
+        """Rows waiting for ``peer``, counted up to ``cap``."""
+        prefix = peer.encode() + b"\0"
+        n = 0
+        with self._env.begin() as txn:
+            cursor = txn.cursor(db=self._dbs.outbox)
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(keys=True, values=False):
+                    if not key.startswith(prefix) or n >= cap:
+                        break
+                    n += 1
+        return n
 
     def peers_with_rows(self) -> Iterator[str]:
         with self._env.begin() as txn:

@@ -33,6 +33,19 @@ def direct_call(fn: Callable[..., object], *args: object) -> object:
     return fn(*args)
 
 
+def cooperative_offload() -> Offload:
+    """Where blocking disk work (segment copies, fdatasync) runs: gevent's thread pool in a
+    monkey-patched process, so other greenlets keep serving meanwhile; in place otherwise."""
+    try:
+        from gevent import get_hub, monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return direct_call
+    if not monkey.is_module_patched("socket"):
+        return direct_call
+    pool = get_hub().threadpool
+    return lambda fn, *args: pool.apply(fn, args)
+
+
 def segment_path(segments_dir: str, segment_id: int) -> str:
     return os.path.join(segments_dir, f"{segment_id:016x}.seg")
 

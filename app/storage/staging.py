@@ -82,6 +82,15 @@ class StagedBody:
         self._area.reserve(amount)
         self._reserved += amount
 
+    def reserve_upfront(self, amount: int) -> None:
+        """Claim ``amount`` bytes of the budget before any are written (bootstrap knows its
+        bodies' sizes). One claim larger than the whole budget still succeeds when nothing
+        else is staged, so no artifact is too large to bootstrap; otherwise this raises
+        ``BudgetExhausted`` and the caller waits and tries again."""
+        if amount > self._reserved:
+            self._area.reserve(amount - self._reserved, allow_alone=True)
+            self._reserved = amount
+
     def finish(self, *, expected_size: int | None = None, expected_sha256: str | None = None) -> None:
         """Flush and verify: a short body (client disconnect) or a wrong digest is rejected."""
         try:

@@ -22,8 +22,10 @@ from app.errors import BudgetExhausted, NotFound
 from app.node_state import NodeState, state_path
 from app.settings import Settings
 from app.storage.keys import artifact_id as compute_artifact_id
+from app.members import MemberList
+from app.storage.catalog import Catalog
 from app.storage.lmdb_env import Databases, namespace_key, open_environment, read_counter, u64
-from app.storage.manifest import Manifest
+from app.storage.manifest import Manifest, version_order
 from app.storage.outbox import Outbox
 from app.storage.segments import Offload, SegmentWriter, direct_call, raise_if_disk_full, segment_path
 from app.storage.staging import StagedBody, StagingArea
@@ -48,12 +50,50 @@ class Located:
         return self.manifest.size
 
 
+# Outcomes of applying a change that came from a peer (metric label values, Kura's names).
+APPLIED = "applied"
+IGNORED_STALE = "ignored_stale"  # we hold this version or a newer one
+IGNORED_TOMBSTONE = "ignored_tombstone"  # its namespace was cleaned after it was written
+IGNORED_OLDER = "ignored_older"  # a namespace delete older than the tombstone we hold
+
+
 @dataclass(frozen=True)
 class WriteResult:
     artifact_id: bytes
     created: bool  # no visible artifact existed under this key before
     version_ms: int
-    applied: bool = True  # False: a replicated write older than what we hold
+    outcome: str = APPLIED  # for replicated writes: APPLIED, IGNORED_STALE or IGNORED_TOMBSTONE
+
+    @property
+    def applied(self) -> bool:
+        return self.outcome == APPLIED
+
+
+@dataclass(frozen=True)
+class ReplicatedArtifact:
+    """One artifact version as a peer sent it (replication or bootstrap).
+
+    ``body`` is where its bytes are on this node before they are applied: the bytes
+    themselves (small and inline bodies) or ``(fd, offset)`` in a staged file.
+    """
+
+    producer: str
+    namespace_id: str
+    key: str
+    content_type: str
+    version_ms: int
+    origin: str
+    size: int
+    inline: bool
+    body: bytes | tuple[int, int] = b""
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return version_order(self.version_ms, self.origin)
+
+    def manifest(self) -> Manifest:
+        return Manifest(self.producer, self.namespace_id, self.key, self.content_type,
+                        self.version_ms, self.size, origin=self.origin)
 
 
 class ArtifactStore:
@@ -69,18 +109,25 @@ class ArtifactStore:
         self.segments = SegmentWriter(self.env, self.dbs, self.segments_dir,
                                       settings.segment_max_bytes, offload)
         self.outbox = Outbox(self.env, self.dbs, settings.outbox_max_depth)
+        self.catalog = Catalog(self.env, self.dbs)
         self.staging = StagingArea(os.path.join(settings.resolved_tmp_dir, "staging"),
                                    settings.tmp_dir_max_bytes, self.node_state,
                                    self._multipart_bytes)
         self.multipart_dir = os.path.join(settings.resolved_tmp_dir, "multipart")
         os.makedirs(self.multipart_dir, exist_ok=True)
-        self.peers: tuple[str, ...] = settings.replication_peers
+        self.node_url = settings.resolved_node_url
+        self._members = MemberList(settings.data_dir, self.node_url)
         self._hot_watermark = 0
         self._hot_checked = 0.0
         self._hot_pending: set[bytes] = set()
         self._hot_flushed = 0.0
 
     # -- identity ---------------------------------------------------------------
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """The mesh members a local write is replicated to (published by the replicator)."""
+        return self._members.current()
+
     def artifact_id(self, producer: str, namespace_id: str, key: str) -> bytes:
         return compute_artifact_id(producer, self.tenant_id, namespace_id, key)
 
@@ -111,6 +158,11 @@ class ArtifactStore:
         if manifest.inline and body is None:
             return None
         return Located(aid, manifest, body)
+
+    def manifest_for(self, aid: bytes) -> Manifest | None:
+        """The stored manifest of ``aid`` if it is visible (not behind a namespace tombstone)."""
+        with self.env.begin() as txn:
+            return self._visible(txn, aid)
 
     def lookup(self, producer: str, namespace_id: str, key: str) -> Located | None:
         return self.lookup_id(self.artifact_id(producer, namespace_id, key))
@@ -268,31 +320,45 @@ class ArtifactStore:
                 offset += len(data)
         return results
 
-    def _commit(self, aid: bytes, manifest: Manifest, inline_body: bytes | None,
-                replicated_version: int | None = None) -> WriteResult:
+    def _commit(self, aid: bytes, manifest: Manifest, inline_body: bytes | None) -> WriteResult:
         # Must not yield while this write transaction is open.
         with self.env.begin(write=True) as txn:
-            return self._commit_in(txn, aid, manifest, inline_body, replicated_version)
+            return self._commit_in(txn, aid, manifest, inline_body, None)
+
+    def _replicated_outcome(self, txn: lmdb.Transaction, aid: bytes, namespace_id: str,
+                            order: tuple[int, str]) -> str:
+        """Would a peer's version ``order`` of ``aid`` win over what this node holds?"""
+        if order[0] <= self._tombstone(txn, self.dbs, namespace_id):
+            return IGNORED_TOMBSTONE
+        raw = txn.get(aid, db=self.dbs.manifests)
+        if raw is not None and order <= Manifest.decode(raw).order:
+            return IGNORED_STALE
+        return APPLIED
 
     def _commit_in(self, txn: lmdb.Transaction, aid: bytes, manifest: Manifest,
-                   inline_body: bytes | None, replicated_version: int | None) -> WriteResult:
-        """Manifest + indexes + outbox rows for one artifact, inside the caller's write txn."""
+                   inline_body: bytes | None, replicated: tuple[int, str] | None) -> WriteResult:
+        """Manifest + indexes + outbox rows for one artifact, inside the caller's write txn.
+
+        ``replicated`` is the ``(version_ms, origin)`` a peer gave this version: it is
+        applied only if it wins last-writer-wins, and it creates no outbox rows (full
+        mesh: the origin sends it to every peer itself)."""
         dbs = self.dbs
         ns = manifest.namespace_id
         old_raw = txn.get(aid, db=dbs.manifests)
         old = Manifest.decode(old_raw) if old_raw else None
         tomb = self._tombstone(txn, dbs, ns)
         old_visible = old is not None and old.version_ms > tomb
-        if replicated_version is not None:
-            if replicated_version <= tomb or (old is not None and replicated_version <= old.version_ms):
-                return WriteResult(aid, False, old.version_ms if old else tomb, applied=False)
-            version = replicated_version
+        if replicated is not None:
+            outcome = self._replicated_outcome(txn, aid, ns, replicated)
+            if outcome != APPLIED:
+                return WriteResult(aid, False, old.version_ms if old else tomb, outcome)
+            manifest = manifest.versioned(*replicated)
         else:
-            if self.peers:
+            peers = self.peers
+            if peers:
                 self.outbox.raise_if_full(txn)
             version = max(self.now_ms(), (old.version_ms + 1) if old else 0, tomb + 1)
-        manifest = Manifest(manifest.producer, ns, manifest.key, manifest.content_type, version,
-                            manifest.size, manifest.segment_id, manifest.offset)
+            manifest = manifest.versioned(version, self.node_url)
         txn.put(aid, manifest.encode(), db=dbs.manifests)
         txn.put(namespace_key(ns) + aid, b"", db=dbs.ns_index)
         if old is not None and old.segment_id and old.segment_id != manifest.segment_id:
@@ -303,27 +369,106 @@ class ArtifactStore:
         else:
             txn.put(aid, inline_body or b"", db=dbs.inline)
         txn.delete(aid, db=dbs.hot)
-        if replicated_version is None:
-            self.outbox.enqueue(txn, self.peers, {"op": "put", "aid": aid.hex(), "v": version})
-        return WriteResult(aid, not old_visible, version)
+        if replicated is None:
+            self.outbox.enqueue(txn, peers, {"op": "put", "aid": aid.hex(), "v": manifest.version_ms})
+        return WriteResult(aid, not old_visible, manifest.version_ms)
 
-    def delete_namespace(self, namespace_id: str, replicated_version: int | None = None) -> int:
-        """Tombstone a namespace (reads stop seeing it at once), then remove its rows in batches."""
+    def replicated_outcomes(self, items: Sequence[ReplicatedArtifact],
+                            aids: Sequence[bytes] | None = None) -> list[str]:
+        """What applying each peer version would do now (APPLIED: it would win), in one read
+        transaction; bootstrap fetches only the bodies that would be applied."""
+        if aids is None:
+            aids = [self.artifact_id(i.producer, i.namespace_id, i.key) for i in items]
+        with self.env.begin() as txn:
+            return [self._replicated_outcome(txn, aid, i.namespace_id, i.order)
+                    for aid, i in zip(aids, items)]
+
+    def apply_replicated(self, items: Sequence[ReplicatedArtifact], *,
+                         staged: StagedBody | None = None) -> list[WriteResult]:
+        """Apply artifact versions a peer sent, last-writer-wins, durably, in one commit.
+
+        Bodies that win are appended back to back to this process's segment (or, when
+        ``staged`` holds mostly winning bytes and is large, the staged file becomes a
+        segment of its own without a copy), fdatasync'ed, then one LMDB transaction
+        publishes every manifest. Versions that lose are not copied at all. Nothing is
+        visible before the commit; a failure before it leaves nothing behind.
+        """
+        aids = [self.artifact_id(i.producer, i.namespace_id, i.key) for i in items]
+        early = self.replicated_outcomes(items, aids)
+        winners = {n for n, outcome in enumerate(early) if outcome == APPLIED}
+        placed: dict[int, tuple[int, int]] = {}  # item index -> (segment id, offset)
+        in_segment = [n for n in sorted(winners) if not items[n].inline and items[n].size > 0]
+        if in_segment:
+            wanted = sum(items[n].size for n in in_segment)
+            seg_id = None
+            if (staged is not None and wanted >= ADOPT_MIN_BYTES and 2 * wanted >= staged.size
+                    and all(_staged_fd(items[n]) == staged.fd for n in in_segment)):
+                seg_id = self.segments.adopt(staged.fd, staged.size)
+            if seg_id is not None:
+                for n in in_segment:
+                    placed[n] = (seg_id, _staged_offset(items[n]))
+            else:
+                sources = [(_staged_fd(items[n]), _staged_offset(items[n]), items[n].size)
+                           if isinstance(items[n].body, tuple) else None for n in in_segment]
+                if all(src is not None for src in sources):
+                    seg_id, offset = self.segments.append(sources)  # type: ignore[arg-type]
+                else:
+                    seg_id, offset = self.segments.append_bytes(
+                        b"".join(self._body_bytes(items[n]) for n in in_segment))
+                for n in in_segment:
+                    placed[n] = (seg_id, offset)
+                    offset += items[n].size
+        results: list[WriteResult] = []
+        # Must not yield while this write transaction is open.
+        with self.env.begin(write=True) as txn:
+            for n, (aid, item) in enumerate(zip(aids, items)):
+                if n not in winners:
+                    results.append(WriteResult(aid, False, item.version_ms, early[n]))
+                    continue
+                manifest = item.manifest()
+                inline_body = None
+                if n in placed:
+                    manifest = manifest.relocated(*placed[n])
+                else:
+                    inline_body = self._body_bytes(item)
+                results.append(self._commit_in(txn, aid, manifest, inline_body, item.order))
+        return results
+
+    @staticmethod
+    def _body_bytes(item: ReplicatedArtifact) -> bytes:
+        if isinstance(item.body, bytes):
+            return item.body
+        fd, offset = item.body
+        data = os.pread(fd, item.size, offset)
+        if len(data) != item.size:
+            raise OSError(f"staged body ended early ({len(data)} of {item.size} bytes)")
+        return data
+
+    def delete_namespace(self, namespace_id: str) -> int:
+        """Tombstone a namespace (reads stop seeing it at once), then remove its rows in batches.
+        Returns the tombstone's version; the delete is replicated to every member."""
         with self.env.begin(write=True) as txn:
             old = self._tombstone(txn, self.dbs, namespace_id)
-            if replicated_version is not None:
-                if replicated_version <= old:
-                    return old
-                version = replicated_version
-            else:
-                version = max(self.now_ms(), old + 1)
-            txn.put(namespace_key(namespace_id),
-                    json.dumps({"ns": namespace_id, "v": version}).encode(), db=self.dbs.ns_tombstones)
-            if replicated_version is None:
-                self.outbox.enqueue(txn, self.peers,
-                                    {"op": "delete_ns", "ns": namespace_id, "v": version})
+            version = max(self.now_ms(), old + 1)
+            self._put_tombstone(txn, namespace_id, version)
+            self.outbox.enqueue(txn, self.peers,
+                                {"op": "delete_ns", "ns": namespace_id, "v": version})
         self._purge_namespace(namespace_id, version)
         return version
+
+    def apply_replicated_namespace_delete(self, namespace_id: str, version_ms: int) -> str:
+        """A peer's namespace delete: APPLIED if newer than our tombstone, else IGNORED_OLDER.
+        Artifacts of the namespace written at or before ``version_ms`` disappear."""
+        with self.env.begin(write=True) as txn:
+            if version_ms <= self._tombstone(txn, self.dbs, namespace_id):
+                return IGNORED_OLDER
+            self._put_tombstone(txn, namespace_id, version_ms)
+        self._purge_namespace(namespace_id, version_ms)
+        return APPLIED
+
+    def _put_tombstone(self, txn: lmdb.Transaction, namespace_id: str, version: int) -> None:
+        txn.put(namespace_key(namespace_id),
+                json.dumps({"ns": namespace_id, "v": version}).encode(), db=self.dbs.ns_tombstones)
 
     def _purge_namespace(self, namespace_id: str, version: int) -> None:
         prefix = namespace_key(namespace_id)
@@ -392,3 +537,12 @@ class ArtifactStore:
         self.segments.close()
         self.env.close()
 
+
+
+def _staged_fd(item: ReplicatedArtifact) -> int:
+    return item.body[0] if isinstance(item.body, tuple) else -1
+
+
+def _staged_offset(item: ReplicatedArtifact) -> int:
+    assert isinstance(item.body, tuple)
+    return item.body[1]

@@ -1,39 +1,61 @@
 """Probes, metrics, internal routes, backpressure and draining on the public app."""
 from __future__ import annotations
 
+from app.replication.readiness import publish
 from app.settings import Settings
 
 
-def test_up_document(client) -> None:
+def test_up_document_of_a_single_node(client, settings: Settings) -> None:
     doc = client.get("/up").json
-    assert doc["status"] == "ok"
-    for field in ("tenant_id", "region", "node_url", "generation", "members"):
-        assert field in doc
+    assert doc == {
+        "status": "ok", "generation": 0, "tenant_id": "default", "region": "local",
+        "node": "local", "node_url": "http://self:7443", "connected_nodes": [],
+        "ring_members": 1, "members": ["http://self:7443"], "regions": ["local"],
+        "nodes": ["http://self:7443"],
+    }
 
 
-def test_ready_and_rollout_follow_node_state(client, app) -> None:
+def test_ready_follows_the_replicator_and_the_writer_lock(client, app, settings: Settings) -> None:
     node = app.extensions["kura"].node_state
     r = client.get("/ready")
-    assert r.status_code == 503 and r.json["state"] == "joining"
-    node.set("ready", 1)
+    assert r.status_code == 503 and r.json["state"] == "joining" and r.json["status"] == "not_ready"
+    assert r.json["reasons"] == ["writer lock not held", "initial discovery incomplete"]
+    node.set("writer_lock", 1)
+    publish(settings.data_dir, {"generation": 1, "initial_discovery_completed": True,
+                                "settle_until_ms": 0, "known_peers": ["http://b:1"],
+                                "bootstrapped_peers": [], "bootstrap_inflight_peers": ["http://b:1"],
+                                "bootstrap_progress": [{"peer": "http://b:1", "phase": "manifests"}]})
     r = client.get("/ready")
-    assert r.status_code == 200 and r.json["state"] == "serving"
+    assert r.status_code == 503
+    assert r.json["reasons"] == ["bootstrap in progress", "bootstrap incomplete for http://b:1"]
+    assert r.json["bootstrap_progress"] == [{"peer": "http://b:1", "phase": "manifests"}]
+    node.set("ready", 1)
+    node.set("generation", 1)
+    r = client.get("/ready")
+    assert r.status_code == 200
+    assert (r.json["status"], r.json["state"], r.json["ready"], r.json["reasons"]) == \
+        ("ok", "serving", True, [])
+    assert r.json["writer_lock_owned"] is True and r.json["generation"] == 1
     doc = client.get("/status/rollout").json
-    for field in ("generation", "ready", "state", "ring_members", "outbox_messages",
-                  "bootstrap_known_peers", "bootstrap_completed_peers", "bootstrap_inflight_peers",
-                  "http_inflight_requests", "grpc_inflight_requests"):
-        assert field in doc
+    assert (doc["ready"], doc["state"], doc["ring_members"], doc["bootstrap_known_peers"],
+            doc["bootstrap_completed_peers"], doc["bootstrap_inflight_peers"],
+            doc["outbox_messages"], doc["http_inflight_requests"], doc["grpc_inflight_requests"]) == \
+        (True, "serving", 2, 1, 0, 1, 0, 0, 0)
 
 
-def test_draining_answers_503_except_probes(client, app) -> None:
+def test_draining_answers_503_except_probes(client, app, settings: Settings) -> None:
     node = app.extensions["kura"].node_state
+    publish(settings.data_dir, {"generation": 1, "initial_discovery_completed": True})
     node.set("ready", 1)
+    node.set("writer_lock", 1)
+    assert client.get("/ready").status_code == 200
     node.set("draining", 1)
     r = client.get("/api/cache/cas/x?tenant_id=a")
     assert r.status_code == 503 and r.json == {"message": "server is draining"}
     assert r.headers["Connection"] == "close"
     assert client.get("/up").status_code == 200
-    assert client.get("/ready").status_code == 503
+    r = client.get("/ready")
+    assert r.status_code == 503 and r.json["state"] == "draining" and r.json["reasons"] == ["draining"]
     assert client.get("/metrics").status_code == 200
 
 
@@ -69,8 +91,11 @@ def test_tmp_budget_full_is_429_with_retry_after(tmp_path) -> None:
 def test_outbox_full_is_429(tmp_path) -> None:
     from app.http import create_app
 
-    app = create_app(Settings(data_dir=str(tmp_path / "d"), peers=("http://peer:7443",),
-                              node_url="http://self:7443", outbox_max_depth=1))
+    from app.members import write_members
+
+    write_members(str(tmp_path / "d"), ["http://peer:7443"])
+    app = create_app(Settings(data_dir=str(tmp_path / "d"), node_url="http://self:7443",
+                              outbox_max_depth=1))
     client = app.test_client()
     assert client.put("/api/cache/gradle/a?tenant_id=t", data=b"1").status_code == 201
     r = client.put("/api/cache/gradle/b?tenant_id=t", data=b"2")

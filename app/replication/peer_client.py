@@ -1,0 +1,145 @@
+"""The one HTTP client kura-py uses to talk to its peers' internal API.
+
+Every call has a connect timeout and an IDLE read timeout (no byte for
+``KURA_PEER_IDLE_TIMEOUT_MS``, default 30 s) and never a total timeout, so a slow but
+progressing transfer completes and a stalled one fails. Connections are kept alive
+per peer. Runs in the replicator process (gevent-patched, so calls yield).
+Failures of any kind (refused, reset, timeout, non-2xx) raise ``PeerError``; every
+call is counted in ``kura_replication_requests_total{operation,result}``.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import quote, urlsplit
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+
+from app import metrics
+from app.replication.frames import FRAMES_CONTENT_TYPE
+
+STATUS_TIMEOUT_S = 2.0
+
+
+def target_label(peer: str) -> str:
+    """A peer URL as Kura labels it in metrics: ``host:port``."""
+    return urlsplit(peer).netloc or peer
+
+
+class PeerError(Exception):
+    def __init__(self, peer: str, operation: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"{operation} on {peer} failed: {message}")
+        self.peer = peer
+        self.operation = operation
+        self.status = status
+
+
+class PeerClient:
+    def __init__(self, *, connect_timeout_s: float, idle_timeout_s: float,
+                 pool_size: int = 32) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self._session = requests.Session()
+        self._session.trust_env = False  # never route peer traffic through an environment proxy
+        adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def close(self) -> None:
+        self._session.close()
+
+    @contextlib.contextmanager
+    def _call(self, peer: str, operation: str, *, counted: bool = False) -> Iterator[None]:
+        """Map transport failures to ``PeerError``; ``counted`` calls (outbox deliveries)
+        go into ``kura_replication_requests_total`` as in Kura."""
+        started = time.perf_counter()
+        result = "error"
+        try:
+            yield
+            result = "ok"
+        except PeerError:
+            raise
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise PeerError(peer, operation, f"{type(exc).__name__}: {exc}") from None
+        finally:
+            if counted:
+                metrics.REPLICATION_REQUESTS.labels(target_label(peer), operation, result).inc()
+                metrics.REPLICATION_DURATION.labels(operation).observe(time.perf_counter() - started)
+
+    def _request(self, method: str, peer: str, operation: str, path: str, *,
+                 timeout: float | tuple[float, float] | None = None, **kwargs: Any) -> requests.Response:
+        response = self._session.request(
+            method, peer + path, timeout=timeout or (self.connect_timeout_s, self.idle_timeout_s),
+            **kwargs)
+        if not 200 <= response.status_code < 300:
+            detail = response.text[:200] if not kwargs.get("stream") else ""
+            response.close()
+            raise PeerError(peer, operation, f"HTTP {response.status_code} {detail}".strip(),
+                            response.status_code)
+        return response
+
+    # -- membership --------------------------------------------------------------
+    def status(self, peer: str) -> dict[str, Any]:
+        with self._call(peer, "status"):
+            response = self._request("GET", peer, "status", "/_internal/status",
+                                      timeout=(min(self.connect_timeout_s, STATUS_TIMEOUT_S),
+                                               STATUS_TIMEOUT_S))
+            doc = response.json()
+            if not isinstance(doc, dict):
+                raise ValueError("status is not a JSON object")
+            return doc
+
+    # -- replication -------------------------------------------------------------
+    def send_batch(self, peer: str, frames: Iterable[bytes]) -> dict[str, Any]:
+        """Deliver a framed batch of artifact versions (chunked upload, streamed)."""
+        with self._call(peer, "upsert_artifact", counted=True):
+            response = self._request("POST", peer, "upsert_artifact", "/_internal/replicate/batch",
+                                     data=iter(frames),
+                                     headers={"Content-Type": FRAMES_CONTENT_TYPE})
+            return response.json() if response.content else {}
+
+    def delete_namespace(self, peer: str, namespace_id: str, version_ms: int) -> None:
+        with self._call(peer, "delete_namespace", counted=True):
+            self._request("DELETE", peer, "delete_namespace",
+                          f"/_internal/replicate/namespace?namespace_id={quote(namespace_id, safe='')}"
+                          f"&version_ms={version_ms}").close()
+
+    # -- bootstrap -----------------------------------------------------------------
+    def _page(self, peer: str, operation: str, path: str, params: dict[str, Any]) -> dict[str, Any]:
+        with self._call(peer, operation):
+            doc = self._request("GET", peer, operation, path, params=params).json()
+            if not isinstance(doc, dict):
+                raise ValueError(f"{operation} page is not a JSON object")
+            return doc
+
+    def tombstones(self, peer: str, after: str | None, limit: int) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if after:
+            params["after"] = after
+        return self._page(peer, "bootstrap_tombstones", "/_internal/bootstrap/namespace_tombstones",
+                          params)
+
+    def digest(self, peer: str, prefix_len: int) -> dict[str, Any]:
+        return self._page(peer, "bootstrap_digest", "/_internal/bootstrap/digest",
+                          {"prefix_len": prefix_len})
+
+    def manifests(self, peer: str, after: str | None, limit: int, prefix: str) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit, "prefix": prefix}
+        if after:
+            params["after"] = after
+        return self._page(peer, "bootstrap_manifests", "/_internal/bootstrap/manifests", params)
+
+    def fetch_bodies(self, peer: str, artifact_ids: list[str],
+                     consume: Callable[[Callable[[int], bytes]], Any]) -> Any:
+        """Stream the framed bodies of ``artifact_ids`` into ``consume(read)``; returns what
+        it returns. A read that sees no byte for the idle timeout raises."""
+        with self._call(peer, "bootstrap_bodies"):
+            response = self._request("POST", peer, "bootstrap_bodies", "/_internal/bootstrap/bodies",
+                                     json={"artifact_ids": artifact_ids}, stream=True)
+            try:
+                return consume(lambda n: response.raw.read(n))
+            finally:
+                response.close()

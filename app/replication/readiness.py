@@ -1,0 +1,226 @@
+"""The mesh as this node sees it, and the readiness gate built on it (SPEC section 6.6).
+
+``MeshState`` lives in the replicator: membership updates it every probe round,
+bootstrap records its passes in it, and it decides when the node may serve. Kura's
+rule: a node is ready iff it holds the writer lock, is not draining, has completed
+initial discovery, 5 s have passed since the last generation change (topology
+change), and it has a clean bootstrap pass from every known peer. Once ready it
+stays ready until the next generation change ("serving" is sticky).
+
+The replicator publishes a snapshot (``<data_dir>/run/mesh.json``, atomic replace) and
+the flags in the shared node state; the HTTP workers build ``/up``, ``/ready`` and
+``/status/rollout`` from them with ``ready_document`` and friends, so the bodies have
+one definition.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+SETTLE_S = 5.0
+
+REASON_WRITER_LOCK = "writer lock not held"
+REASON_DRAINING = "draining"
+REASON_DISCOVERY = "initial discovery incomplete"
+REASON_SETTLING = "discovery settling"
+REASON_BOOTSTRAP = "bootstrap in progress"
+REASON_INCOMPLETE = "bootstrap incomplete for {}"
+
+
+@dataclass
+class BootstrapProgress:
+    """What one bootstrap pass from one peer has done so far."""
+
+    phase: str = "waiting"  # waiting, tombstones, digest, manifests, done, failed
+    attempt: int = 0
+    tombstones_applied: int = 0
+    buckets_total: int = 0
+    buckets_divergent: int = 0
+    buckets_completed: int = 0
+    pages_fetched: int = 0
+    artifacts_applied: int = 0
+    artifacts_ignored: int = 0
+    artifacts_failed: int = 0
+    bytes: int = 0
+    started_at: float = 0.0
+    last_progress_at: float = 0.0
+    last_error: str = ""
+
+    def touch(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.last_progress_at = clock()
+
+    def to_json(self, peer: str, now: float) -> dict[str, Any]:
+        doc = asdict(self)
+        doc.pop("started_at")
+        doc.pop("last_progress_at")
+        doc["peer"] = peer
+        doc["elapsed_ms"] = int((now - self.started_at) * 1000) if self.started_at else 0
+        return doc
+
+
+@dataclass
+class PeerState:
+    node_url: str
+    region: str
+    admitted_ms: int  # when this node admitted the peer (reported to it in /_internal/status)
+    missed_rounds: int = 0
+    # When the peer admitted *this* node (its /_internal/status ``known_peers``), None if it
+    # does not list us; and when we first saw it listing us.
+    admitted_us_ms: int | None = None
+    listed_us_at: float | None = None
+    bootstrapped: bool = False
+    bootstrapped_against: int | None = None  # admitted_us_ms our last clean pass relied on
+    inflight: bool = False
+    failures: int = 0
+    next_attempt_at: float = 0.0
+    progress: BootstrapProgress = field(default_factory=BootstrapProgress)
+
+
+class MeshState:
+    """Membership, bootstrap and readiness state of the replicator (one per node)."""
+
+    def __init__(self, own_url: str, clock: Callable[[], float] = time.monotonic, *,
+                 settle_s: float = SETTLE_S) -> None:
+        self.own_url = own_url
+        self._clock = clock
+        self._settle_s = settle_s
+        self.generation = 0
+        self.initial_discovery_completed = False
+        self.settle_until = 0.0
+        self.peers: dict[str, PeerState] = {}
+        self.serving = False
+
+    # -- membership --------------------------------------------------------------------
+    def apply_membership(self, seen: dict[str, dict[str, Any]], discovery_observed: bool,
+                         loss_rounds: int) -> tuple[list[str], list[str]]:
+        """One probe round: ``seen`` maps each admitted peer's node URL to its status
+        document. A known peer is lost after ``loss_rounds`` rounds without an answer.
+        Returns ``(joined, left)``; any change bumps the generation and clears serving."""
+        now = self._clock()
+        joined = [url for url in seen if url not in self.peers]
+        left = []
+        for url, peer in self.peers.items():
+            if url in seen:
+                peer.missed_rounds = 0
+            else:
+                peer.missed_rounds += 1
+                if peer.missed_rounds >= loss_rounds:
+                    left.append(url)
+        for url in left:
+            del self.peers[url]
+        now_ms = int(time.time() * 1000)
+        for url in joined:
+            self.peers[url] = PeerState(url, str(seen[url].get("region", "")), now_ms)
+        for url, doc in seen.items():
+            self._note_listing(self.peers[url], doc, now)
+        changed = bool(joined or left)
+        if not self.initial_discovery_completed:
+            if discovery_observed:
+                self.initial_discovery_completed = True
+                self._bump(now)
+        elif changed:
+            self._bump(now)
+        return joined, left
+
+    def _note_listing(self, peer: PeerState, doc: dict[str, Any], now: float) -> None:
+        known = doc.get("known_peers")
+        admitted = known.get(self.own_url) if isinstance(known, dict) else None
+        admitted = admitted if isinstance(admitted, int) else None
+        if admitted is None:
+            peer.admitted_us_ms = None
+            peer.listed_us_at = None
+            return
+        if admitted != peer.admitted_us_ms:
+            peer.admitted_us_ms = admitted
+            peer.listed_us_at = now
+        if (peer.bootstrapped and peer.bootstrapped_against is not None
+                and admitted != peer.bootstrapped_against):
+            # The peer dropped us and admitted us again: it may have dropped outbox rows
+            # meant for us meanwhile, so what it holds must be pulled again.
+            peer.bootstrapped = False
+
+    def _bump(self, now: float) -> None:
+        self.generation += 1
+        self.settle_until = now + self._settle_s
+        self.serving = False
+
+    def known_peers(self) -> dict[str, int]:
+        """Admitted peers and when (for ``/_internal/status``)."""
+        return {url: p.admitted_ms for url, p in self.peers.items()}
+
+    # -- readiness ---------------------------------------------------------------------
+    def settled(self) -> bool:
+        return self.initial_discovery_completed and self._clock() >= self.settle_until
+
+    def maybe_mark_serving(self, draining: bool) -> bool:
+        if draining or self.serving or not self.settled():
+            return self.serving
+        peers = self.peers.values()
+        if all(p.bootstrapped and not p.inflight for p in peers):
+            self.serving = True
+        return self.serving
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the HTTP workers need for the probe documents (``mesh.json``)."""
+        now = self._clock()
+        peers = sorted(self.peers.values(), key=lambda p: p.node_url)
+        return {
+            "generation": self.generation,
+            "initial_discovery_completed": self.initial_discovery_completed,
+            "settle_until_ms": int((time.time() + self.settle_until - now) * 1000),
+            "serving": self.serving,
+            "known_peers": [p.node_url for p in peers],
+            "bootstrapped_peers": [p.node_url for p in peers if p.bootstrapped],
+            "bootstrap_inflight_peers": [p.node_url for p in peers if p.inflight],
+            "regions": {p.node_url: p.region for p in peers},
+            "bootstrap_progress": [p.progress.to_json(p.node_url, now) for p in peers
+                                   if p.progress.attempt],
+            "written_ms": int(time.time() * 1000),
+        }
+
+
+# -- publishing to the node's other processes -------------------------------------------
+def mesh_path(data_dir: str) -> str:
+    return os.path.join(data_dir, "run", "mesh.json")
+
+
+def publish(data_dir: str, snapshot: dict[str, Any]) -> None:
+    path = mesh_path(data_dir)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(snapshot, fh)
+    os.replace(tmp, path)
+
+
+def read_snapshot(data_dir: str) -> dict[str, Any]:
+    try:
+        with open(mesh_path(data_dir)) as fh:
+            doc = json.load(fh)
+    except (FileNotFoundError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def reasons(snapshot: dict[str, Any], *, draining: bool, writer_lock: bool, serving: bool) -> list[str]:
+    """Why the node is not ready, in Kura's words (empty when it is)."""
+    out = []
+    if not writer_lock:
+        out.append(REASON_WRITER_LOCK)
+    if draining:
+        out.append(REASON_DRAINING)
+    discovered = bool(snapshot.get("initial_discovery_completed"))
+    if not discovered:
+        out.append(REASON_DISCOVERY)
+    if not serving:
+        if discovered and snapshot.get("settle_until_ms", 0) > time.time() * 1000:
+            out.append(REASON_SETTLING)
+        if snapshot.get("bootstrap_inflight_peers"):
+            out.append(REASON_BOOTSTRAP)
+        done = set(snapshot.get("bootstrapped_peers", ()))
+        missing = [p for p in snapshot.get("known_peers", ()) if p not in done]
+        if missing:
+            out.append(REASON_INCOMPLETE.format(", ".join(missing)))
+    return out
