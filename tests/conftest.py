@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from app.settings import Settings
+from tests.dns_server import DnsServer
+from tests.netfaults import FaultyProxy
 from tests.nodes import Node, make_node
 
 
@@ -56,3 +59,33 @@ def node_factory(tmp_path: Path) -> Iterator:
 @pytest.fixture
 def node(node_factory) -> Node:  # type: ignore[no-untyped-def]
     return node_factory()
+
+
+@pytest.fixture
+def faulty_proxy() -> Iterator[Callable[..., FaultyProxy]]:
+    """Factory: ``faulty_proxy(host, port)`` starts a FaultyProxy to that target; all are closed at teardown."""
+    proxies: list[FaultyProxy] = []
+
+    def factory(target_host: str, target_port: int, **kwargs: object) -> FaultyProxy:
+        proxy = FaultyProxy(target_host, target_port, **kwargs)  # type: ignore[arg-type]
+        proxies.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in proxies:
+        proxy.close()
+
+
+@pytest.fixture
+def dns_server() -> Iterator[Callable[..., DnsServer]]:
+    """Factory: ``dns_server(records)`` starts a loopback DnsServer; all are closed at teardown."""
+    servers: list[DnsServer] = []
+
+    def factory(records: Mapping[str, Iterable[str]] | None = None, **kwargs: object) -> DnsServer:
+        server = DnsServer(records, **kwargs)  # type: ignore[arg-type]
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.close()
