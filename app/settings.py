@@ -77,6 +77,7 @@ class Settings:
     discovery_dns_server: str = ""  # kura-py: "host:port" of the DNS server for discovery
     peer_connect_timeout_ms: int = 5_000  # kura-py
     peer_idle_timeout_ms: int = 30_000  # kura-py: a peer transfer fails after this long without a byte
+    peer_loss_timeout_ms: int = 15_000  # kura-py: an unanswering peer leaves the membership after this
     tmp_dir_max_bytes: int = 8 * GIB
     cas_capacity_bytes: int = 0  # 0: 50 % of the data filesystem (resolved at start)
     max_keyvalue_bytes: int = 1 * MIB
@@ -151,6 +152,7 @@ class Settings:
             "KURA_DISCOVERY_DNS_SERVER": ("discovery_dns_server", _parse_host_port),
             "KURA_PEER_CONNECT_TIMEOUT_MS": ("peer_connect_timeout_ms", _positive),
             "KURA_PEER_IDLE_TIMEOUT_MS": ("peer_idle_timeout_ms", _positive),
+            "KURA_PEER_LOSS_TIMEOUT_MS": ("peer_loss_timeout_ms", _positive),
             "KURA_TMP_DIR_MAX_BYTES": ("tmp_dir_max_bytes", _positive),
             "KURA_CAS_CAPACITY_BYTES": ("cas_capacity_bytes", _parse_int),
             "KURA_MAX_KEYVALUE_BYTES": ("max_keyvalue_bytes", _positive),

@@ -31,16 +31,20 @@ class Node:
         return int(self.env["KURA_PORT"])
 
     @property
+    def host(self) -> str:
+        return self.env.get("KURA_BIND_HOST", "127.0.0.1")
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.env['KURA_GRPC_PORT']}"
+        return f"{self.host}:{self.env['KURA_GRPC_PORT']}"
 
     @property
     def internal_url(self) -> str:
-        return f"http://127.0.0.1:{self.env['KURA_INTERNAL_PORT']}"
+        return f"http://{self.host}:{self.env['KURA_INTERNAL_PORT']}"
 
     def start(self, wait: bool = True, timeout: float = 30.0) -> "Node":
         log = open(self.log_path, "ab")

@@ -5,9 +5,11 @@ so the resolver is a real one and can be pointed at a given server), turns every
 address into a peer URL with the scheme and port of ``KURA_NODE_URL`` (for ``https``
 the name itself, as certificates name hosts, not addresses), adds the static peers,
 and asks each for ``/_internal/status``. A peer is admitted when it answers with this
-node's tenant and a node URL that is not this node's. A known peer is dropped after
-``LOSS_ROUNDS`` rounds without an answer (about 6 s), so one lost probe does not churn
-the topology. Any change bumps the generation (``MeshState``); the admitted peers are
+node's tenant and a node URL that is not this node's. A known peer is dropped at once
+when no target leads to it any more (its address left DNS), and after
+``KURA_PEER_LOSS_TIMEOUT_MS`` (kura-py, default 15 s) when it is still a target but does
+not answer, so a stalled or restarting peer does not churn the topology (Kura drops a
+peer on its first missed probe). Any change bumps the generation (``MeshState``); the admitted peers are
 published to ``run/members.json`` for the node's writers.
 
 Initial discovery completes on the first round in which some target answered (this
@@ -35,7 +37,6 @@ from app.settings import Settings
 log = logging.getLogger("kura.membership")
 
 PROBE_INTERVAL_S = 2.0
-LOSS_ROUNDS = 3
 DNS_LIFETIME_S = 2.0
 
 
@@ -103,6 +104,7 @@ class Membership:
         self.discovery = Discovery(settings)
         self._on_change = on_change
         self._greenlet: gevent.Greenlet | None = None
+        self._target_of: dict[str, str] = {}  # peer node URL -> the target that last reached it
         self.rounds = 0
 
     def start(self) -> None:
@@ -142,9 +144,15 @@ class Membership:
             if not node_url or node_url == own:
                 continue
             seen[node_url] = doc
+            self._target_of[node_url] = target
         observed = not targets or bool(answers)
+        current = set(targets)
+        still_targeted = {url for url, target in self._target_of.items() if target in current}
         before = self.mesh.generation
-        joined, left = self.mesh.apply_membership(seen, observed, LOSS_ROUNDS)
+        joined, left = self.mesh.apply_membership(seen, observed, still_targeted,
+                                                  self.settings.peer_loss_timeout_ms / 1000)
+        for url in left:
+            self._target_of.pop(url, None)
         self.rounds += 1
         for url in joined:
             metrics.MEMBERSHIP_PEER_CHANGES.labels("discovered").inc()

@@ -66,7 +66,7 @@ class PeerState:
     node_url: str
     region: str
     admitted_ms: int  # when this node admitted the peer (reported to it in /_internal/status)
-    missed_rounds: int = 0
+    last_seen: float = 0.0  # monotonic time of its last answer to a probe
     # When the peer admitted *this* node (its /_internal/status ``known_peers``), None if it
     # does not list us; and when we first saw it listing us.
     admitted_us_ms: int | None = None
@@ -95,26 +95,23 @@ class MeshState:
 
     # -- membership --------------------------------------------------------------------
     def apply_membership(self, seen: dict[str, dict[str, Any]], discovery_observed: bool,
-                         loss_rounds: int) -> tuple[list[str], list[str]]:
+                         still_targeted: set[str], loss_s: float) -> tuple[list[str], list[str]]:
         """One probe round: ``seen`` maps each admitted peer's node URL to its status
-        document. A known peer is lost after ``loss_rounds`` rounds without an answer.
+        document. A known peer that no target leads to any more (gone from DNS) is lost at
+        once; one that is still targeted but does not answer is lost after ``loss_s``
+        (kura-py: a stalled or restarting peer does not churn the topology at once).
         Returns ``(joined, left)``; any change bumps the generation and clears serving."""
         now = self._clock()
         joined = [url for url in seen if url not in self.peers]
-        left = []
-        for url, peer in self.peers.items():
-            if url in seen:
-                peer.missed_rounds = 0
-            else:
-                peer.missed_rounds += 1
-                if peer.missed_rounds >= loss_rounds:
-                    left.append(url)
+        left = [url for url, peer in self.peers.items() if url not in seen
+                and (url not in still_targeted or now - peer.last_seen >= loss_s)]
         for url in left:
             del self.peers[url]
         now_ms = int(time.time() * 1000)
         for url in joined:
             self.peers[url] = PeerState(url, str(seen[url].get("region", "")), now_ms)
         for url, doc in seen.items():
+            self.peers[url].last_seen = now
             self._note_listing(self.peers[url], doc, now)
         changed = bool(joined or left)
         if not self.initial_discovery_completed:
