@@ -5,6 +5,7 @@ import os
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from flask import Flask
@@ -90,10 +91,28 @@ class _Delegate(Collector):
         return REGISTRY.collect()
 
 
+class NodeMetricsExporter(PrometheusMetrics):
+    """prometheus-flask-exporter's /metrics endpoint, serving every process's metrics plus the
+    node-wide gauges. The stock exporter builds a fresh registry per scrape in multiprocess
+    mode and silently drops custom collectors (so the gauges vanished on a real node); here
+    each scrape reads the multiprocess files and asks ``NodeCollector`` as well."""
+
+    def __init__(self, app: Flask, collector: NodeCollector) -> None:
+        self._node_collector = collector
+        super().__init__(app, path="/metrics", registry=CollectorRegistry(), export_defaults=False)
+
+    def generate_metrics(self, accept_header: str | None = None, names: list[str] | None = None
+                         ) -> tuple[str, str]:
+        registry = metrics.scrape_registry()
+        if registry is metrics.default_registry():
+            registry = CollectorRegistry()
+            registry.register(_Delegate())
+        registry.register(self._node_collector)
+        if names:
+            registry = registry.restricted_registry(names)
+        generate_latest, content_type = choose_encoder(accept_header)
+        return generate_latest(registry).decode("utf-8"), content_type
+
+
 def install(app: Flask, store: ArtifactStore, node_state: NodeState) -> None:
-    registry = metrics.scrape_registry()
-    if registry is metrics.default_registry():
-        registry = CollectorRegistry()
-        registry.register(_Delegate())
-    registry.register(NodeCollector(store, node_state))
-    PrometheusMetrics(app, path="/metrics", registry=registry, export_defaults=False)
+    NodeMetricsExporter(app, NodeCollector(store, node_state))

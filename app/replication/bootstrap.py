@@ -45,6 +45,8 @@ log = logging.getLogger("kura.bootstrap")
 PREFIX_LEN = 3
 PAGE_LIMIT = 1000
 FETCHERS = 16
+LISTERS = 4
+FULL_WALK_FRACTION = 0.25
 FETCH_ITEMS = 256
 FETCH_BYTES = 8 * 1024 * 1024
 SCHEDULE_S = 0.25
@@ -216,13 +218,66 @@ class Bootstrapper:
         progress.buckets_divergent = len(divergent)
         progress.touch()
         progress.phase = "manifests"
-        for prefix in coalesce(divergent, set(buckets), PREFIX_LEN):
-            self._prefix(url, prefix, progress)
-            progress.buckets_completed += sum(1 for b in divergent if b.startswith(prefix))
+        self._walk(url, divergent, set(buckets), progress)
         if progress.artifacts_failed:
             raise PassFailed(f"{progress.artifacts_failed} artifacts failed: {progress.last_error}")
         peer.bootstrapped = True
         peer.bootstrapped_against = against
+
+    def _walk(self, url: str, divergent: set[str], held: set[str], progress: BootstrapProgress) -> None:
+        """List the divergent buckets' manifests and fetch what this node would apply.
+
+        When most buckets differ (a fresh or long-gone node) one walk over everything,
+        skipping the matched buckets' entries, beats a request per bucket; otherwise each
+        coalesced prefix is listed, ``LISTERS`` at a time. Wanted versions from all
+        listings are gathered into batches for ``FETCHERS`` concurrent body fetches."""
+        if len(divergent) > FULL_WALK_FRACTION * max(1, len(held)):
+            prefixes = [""]
+        else:
+            prefixes = coalesce(divergent, held, PREFIX_LEN)
+        fetchers = Pool(FETCHERS)
+        pending: list[tuple[str, ReplicatedArtifact]] = []
+        pending_bytes = [0]
+
+        def flush() -> None:
+            batch = pending[:]
+            pending.clear()
+            pending_bytes[0] = 0
+            if batch:
+                fetchers.wait_available()
+                fetchers.spawn(self._fetch, url, batch, progress)
+
+        def gather(wanted: list[tuple[str, ReplicatedArtifact]]) -> None:
+            for pair in wanted:
+                if pending and (len(pending) >= FETCH_ITEMS
+                                or pending_bytes[0] + pair[1].size > FETCH_BYTES):
+                    flush()
+                pending.append(pair)
+                pending_bytes[0] += pair[1].size
+
+        def list_prefix(prefix: str) -> None:
+            after = None
+            while True:
+                page = self.client.manifests(url, after, PAGE_LIMIT, prefix)
+                progress.pages_fetched += 1
+                progress.touch()
+                entries = [e for e in page.get("manifests") or []
+                           if not isinstance(e, dict) or str(e.get("artifact_id", ""))[:PREFIX_LEN] in divergent]
+                gather(self._wanted(entries, progress))
+                after = page.get("next_after")
+                if not after:
+                    break
+            progress.buckets_completed += sum(1 for b in divergent if b.startswith(prefix))
+
+        listers = Pool(LISTERS)
+        try:
+            for greenlet in [listers.spawn(list_prefix, prefix) for prefix in prefixes]:
+                greenlet.get()  # re-raises a listing failure: the pass fails
+            flush()
+            fetchers.join()
+        finally:
+            listers.kill()
+            fetchers.kill()  # an abandoned pass takes its fetches along
 
     def _wait_for_listing(self, peer: PeerState) -> int | None:
         deadline = time.monotonic() + LISTING_WAIT_MAX_S
@@ -252,25 +307,6 @@ class Bootstrapper:
             after = page.get("next_after")
             if not after:
                 return
-
-    def _prefix(self, url: str, prefix: str, progress: BootstrapProgress) -> None:
-        """List and fetch everything under ``prefix`` (failures are counted in ``progress``)."""
-        after = None
-        fetchers = Pool(FETCHERS)
-        try:
-            while True:
-                page = self.client.manifests(url, after, PAGE_LIMIT, prefix)
-                progress.pages_fetched += 1
-                progress.touch()
-                for batch in _fetch_batches(self._wanted(page.get("manifests") or [], progress)):
-                    fetchers.wait_available()
-                    fetchers.spawn(self._fetch, url, batch, progress)
-                after = page.get("next_after")
-                if not after:
-                    break
-            fetchers.join()
-        finally:
-            fetchers.kill()  # an abandoned pass takes its fetches along
 
     def _wanted(self, entries: list[Any], progress: BootstrapProgress) -> list[tuple[str, ReplicatedArtifact]]:
         items: list[tuple[str, ReplicatedArtifact]] = []
