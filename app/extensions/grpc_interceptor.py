@@ -13,7 +13,7 @@ What the hooks are told comes from the servicers' own parsers
 (``app.reapi.hook_targets``: namespace, artifact key and hash;
 ``app.reapi.tenancy``: headers and tenant), and a request they reject is
 answered INVALID_ARGUMENT before any hook runs. A served method with no rule
-is refused (fail closed). Health checks and reflection are not hooked.
+is refused (fail closed). Probes (health checks, reflection) are not hooked.
 
 Denials are raised as the ``KuraError`` from ``Extensions.check``; the
 observer (``app.reapi.observer.RpcObserver``, listed before this interceptor
@@ -43,7 +43,9 @@ import grpc
 from app.errors import BadRequest, Forbidden
 from app.extensions.context import HookContext, Principal
 from app.extensions.engine import Extensions
-from app.reapi.hook_targets import PRODUCER, RULES, UNHOOKED_PREFIXES, RpcRule
+from app.reapi.cache import PRODUCER
+from app.reapi.hook_targets import RULES, RpcRule
+from app.reapi.observer import PROBE_PREFIXES
 from app.reapi.tenancy import call_headers, requested_tenant
 
 log = logging.getLogger("kura.extensions")
@@ -107,7 +109,7 @@ class ExtensionsInterceptor(grpc.ServerInterceptor):
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(UNHOOKED_PREFIXES):
+        if handler is None or method.startswith(PROBE_PREFIXES):
             return handler
         start = _CallStart(self, RULES.get(method), method, handler_call_details.invocation_metadata)
         kwargs = {"request_deserializer": handler.request_deserializer,

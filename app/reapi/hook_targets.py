@@ -8,32 +8,26 @@ hooks authorise exactly the namespace and blob the servicer then reads or
 writes; a request those parsers reject raises ``BadRequest`` here, before any
 hook runs.
 
-Kura's choices kept here: every call carries ``producer = "reapi"`` and a
+Kura's choices kept here: every call carries the producer ``reapi`` and a
 namespace (``instance_name``, empty → ``default``; for ByteStream the
 resource's instance); ByteStream Read and QueryWriteStatus and the
 ActionCache calls carry the artifact key and hash; ByteStream Write is
 authorised per namespace (no key), though its ``response_headers`` call sees
 the key; batch calls and FindMissingBlobs carry none (they name many blobs).
 
-Health and reflection are never hooked (``UNHOOKED_PREFIXES``).
+Probes (health, reflection: ``app.reapi.observer.PROBE_PREFIXES``) are never hooked.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from app.extensions.context import CAPABILITIES_READ, INSPECT, READ, WRITE
 from app.reapi.digests import (BlobDigest, namespace_for, parse_action, parse_read_resource,
                                parse_write_resource)
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from app.reapi.gen.google.bytestream import bytestream_pb2 as bs_pb2
 
-PRODUCER = "reapi"
-UNHOOKED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
-
-READ = "artifact.read"
-WRITE = "artifact.write"
-INSPECT = "artifact.inspect"
-CAPABILITIES = "capabilities.read"
 
 
 @dataclass(frozen=True)
@@ -85,7 +79,7 @@ def _full_name(service: str, method: str) -> str:
 
 
 RULES: dict[str, RpcRule] = {
-    _full_name("Capabilities", "GetCapabilities"): RpcRule("reapi.capabilities.get", CAPABILITIES, _instance),
+    _full_name("Capabilities", "GetCapabilities"): RpcRule("reapi.capabilities.get", CAPABILITIES_READ, _instance),
     _full_name("ActionCache", "GetActionResult"): RpcRule("reapi.action_cache.get", READ, _action),
     _full_name("ActionCache", "UpdateActionResult"): RpcRule("reapi.action_cache.update", WRITE, _action),
     _full_name("ContentAddressableStorage", "FindMissingBlobs"):

@@ -25,8 +25,9 @@ from app.reapi.tenancy import requested_tenant
 
 log = logging.getLogger("kura.reapi")
 
-# Probes keep answering while the node drains (SPEC §3: only non-probe routes get 503).
-_PROBE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Probes keep answering while the node drains (SPEC §3: only non-probe routes get 503), and
+# the extension hooks never run for them (SPEC §7).
+PROBE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # Codes that are part of normal cache traffic (a miss, a client that went away).
 _QUIET_CODES = frozenset((grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED))
 # How long a stream that ended without its last message waits to be reported cancelled
@@ -47,7 +48,7 @@ class _Call:
     def __init__(self, observer: "RpcObserver", method: str) -> None:
         self.observer = observer
         self.method = method
-        self.probe = method.startswith(_PROBE_PREFIXES)
+        self.probe = method.startswith(PROBE_PREFIXES)
         self.started = time.monotonic()
         self.done = False
         observer.node_state.add_inflight(1)
