@@ -37,9 +37,9 @@ def test_every_route_through_the_real_node(node) -> None:
                         json={"cas_id": "c1", "entries": [{"value": "v"}]}).status_code == 204
     assert requests.get(f"{u}/api/cache/keyvalue/c1?{T}").json() == {"entries": [{"value": "v"}]}
     start = requests.post(f"{u}/api/cache/module/start?{T}&hash=h&name=n").json()
-    assert requests.post(f"{u}/api/cache/module/part?upload_id={start['upload_id']}&part_number=1",
+    assert requests.post(f"{u}/api/cache/module/part?{T}&upload_id={start['upload_id']}&part_number=1",
                          data=b"mod").status_code == 204
-    assert requests.post(f"{u}/api/cache/module/complete?upload_id={start['upload_id']}",
+    assert requests.post(f"{u}/api/cache/module/complete?{T}&upload_id={start['upload_id']}",
                          json={"parts": [1]}).status_code == 204
     assert requests.head(f"{u}/api/cache/module/x?{T}&hash=h&name=n").status_code == 204
     assert requests.get(f"{u}/api/cache/module/x?{T}&hash=h&name=n").content == b"mod"
