@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import pytest
-
-from app.settings import Settings
 
 HOOKS_SEE_CTX = """
 function authenticate(ctx)
@@ -32,21 +28,9 @@ end
 """
 
 
-def hooked_app(tmp_path: Path, script_text: str, tenant: str = "default"):  # type: ignore[no-untyped-def]
-    from app.http import create_app
-
-    script = tmp_path / "hooks.lua"
-    script.write_text(script_text)
-    return create_app(Settings(data_dir=str(tmp_path / "data"), tenant_id=tenant,
-                               extension_script_path=str(script),
-                               kura_env={"KURA_EXTENSION_SCRIPT_PATH": str(script)}))
-
-
 @pytest.fixture
-def ctx_client(tmp_path: Path):  # type: ignore[no-untyped-def]
-    app = hooked_app(tmp_path, HOOKS_SEE_CTX, tenant="acme")
-    yield app.test_client()
-    app.extensions["kura"].store.close()
+def ctx_client(hooked_app):  # type: ignore[no-untyped-def]
+    return hooked_app(HOOKS_SEE_CTX, tenant="acme").test_client()
 
 
 def seen(response) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -72,14 +56,13 @@ def test_every_rule_has_its_route_declaration(app) -> None:
     assert len([r for r in app.url_map.iter_rules() if r.endpoint not in PROBE_ENDPOINTS]) == 19
 
 
-def test_an_undeclared_endpoint_is_refused_when_hooks_are_enabled(tmp_path: Path) -> None:
-    app = hooked_app(tmp_path, "function authorize(ctx, p) return { allow = true } end")
+def test_an_undeclared_endpoint_is_refused_when_hooks_are_enabled(hooked_app) -> None:
+    app = hooked_app("function authorize(ctx, p) return { allow = true } end")
     app.add_url_rule("/api/cache/extra/<key>", "extra", lambda key: "served " + key)
     client = app.test_client()
     r = client.get("/api/cache/extra/k")
     assert r.status_code == 403 and r.json == {"message": "Forbidden"}
     assert client.get("/up").status_code == 200  # probes stay open
-    app.extensions["kura"].store.close()
 
 
 CTX_CASES = [
