@@ -10,8 +10,9 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from app.http.artifacts import empty, serve_artifact, store_upload
-from app.http.routes import (QUERY_NAMESPACE, QUERY_TENANT, READ, WRITE, PathKey, PathNamespace,
-                             PathTenant, Target, Targets, route)
+from app.http.routes import READ, WRITE, route
+from app.http.targets import (QUERY_NAMESPACE, QUERY_TENANT, PathKey, PathNamespace, PathTenant,
+                              Target, Targets)
 
 bp = Blueprint("gradle", __name__)
 PRODUCER = "gradle"

@@ -16,7 +16,8 @@ from flask import Response, g, request
 
 from app.errors import Forbidden
 from app.extensions import Extensions, HookContext
-from app.http.routes import RouteSpec, Target
+from app.http.routes import RouteSpec
+from app.http.targets import Target
 
 
 def context(spec: RouteSpec, target: Target, method: str, server_tenant_id: str,

@@ -11,8 +11,8 @@ from flask import Blueprint, Response
 
 from app.errors import BadRequest
 from app.http.artifacts import empty, serve_artifact, store_document
-from app.http.routes import (QUERY_NAMESPACE, QUERY_TENANT, READ, WRITE, KeyRead, PathKey, Sources,
-                             Target, Targets, route)
+from app.http.routes import READ, WRITE, route
+from app.http.targets import QUERY_NAMESPACE, QUERY_TENANT, KeyRead, PathKey, Sources, Target, Targets
 from app.storage.keys import validate_component
 
 bp = Blueprint("keyvalue", __name__)

@@ -7,7 +7,8 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from app.http.artifacts import empty, serve_artifact, store_upload
-from app.http.routes import NODE_TENANT, READ, WRITE, PathKey, QueryNamespace, Target, Targets, route
+from app.http.routes import READ, WRITE, route
+from app.http.targets import NODE_TENANT, PathKey, QueryNamespace, Target, Targets
 
 bp = Blueprint("metro", __name__)
 PRODUCER = "metro"

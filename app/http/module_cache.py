@@ -16,9 +16,9 @@ from app import metrics
 from app.errors import BadRequest, NotFound, TooLarge
 from app.http.artifacts import empty, serve_artifact
 from app.http.bodies import receive_body
-from app.http.routes import (QUERY_NAMESPACE, QUERY_TENANT, READ, WRITE, ModuleKey, Sources, Target,
-                             Targets, route)
+from app.http.routes import READ, WRITE, route
 from app.http.services import services, store
+from app.http.targets import QUERY_NAMESPACE, QUERY_TENANT, KeyRead, Sources, Target, Targets
 from app.storage.keys import validate_component
 from app.storage.multipart import MAX_PART_BYTES, Upload
 
@@ -28,6 +28,18 @@ NO_BODY_VERSION = (4, 202, 0)  # clients from here on understand 204 for "alread
 MAX_PART_NUMBER = 10_000
 MAX_COMPLETE_BODY = 1024 * 1024  # {"parts": [1..10000]} is ~60 KiB
 _VERSION = re.compile(r"^\s*v?(\d+)(?:\.(\d+))?(?:\.(\d+))?")
+
+
+class ModuleKey:
+    """``{cache_category}/{hash}/{name}`` from the query (``cache_category`` defaults to builds)."""
+
+    def read(self, s: Sources) -> KeyRead:
+        hash_ = validate_component(s.query.required("hash"), "hash")
+        name = validate_component(s.query.required("name"), "name")
+        category = validate_component(s.query.get("cache_category") or "builds", "cache_category")
+        return KeyRead(f"{category}/{hash_}/{name}", hash_)
+
+
 MODULE_TARGET = Targets(QUERY_TENANT, QUERY_NAMESPACE, ModuleKey())
 
 

@@ -6,8 +6,9 @@ import logging
 from flask import Blueprint, Response
 
 from app.http.artifacts import empty
-from app.http.routes import NAMESPACE_DELETE, QUERY_NAMESPACE, QUERY_TENANT, Target, Targets, route
+from app.http.routes import NAMESPACE_DELETE, route
 from app.http.services import store
+from app.http.targets import QUERY_NAMESPACE, QUERY_TENANT, Target, Targets
 
 bp = Blueprint("namespaces", __name__)
 log = logging.getLogger("kura.http")

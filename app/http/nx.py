@@ -9,8 +9,8 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from app.http.artifacts import empty, serve_artifact, store_upload
-from app.http.routes import (NODE_TENANT, READ, WRITE, PathKey, PathNamespace, QueryNamespace,
-                             Target, Targets, route)
+from app.http.routes import READ, WRITE, route
+from app.http.targets import NODE_TENANT, PathKey, PathNamespace, QueryNamespace, Target, Targets
 
 bp = Blueprint("nx", __name__)
 PRODUCER = "nx"

@@ -7,245 +7,38 @@ statement of the route's facts:
 
 - its Kura template (``ctx.route`` for the hooks, the ``route`` label of the metrics);
 - its operation and producer (the hooks' ``ctx.operation`` / ``ctx.producer``);
-- how its target (tenant, namespace, storage key, hash) is read: ``RouteSpec.parse_target``
-  works on the raw request target (the path exactly as sent, still percent-encoded, and
-  the query string), never on Flask's request, so the HTTP worker's download fast path
-  (``app.http.fast_reads``) reads exactly what the blueprint reads.
+- how its target (tenant, namespace, storage key, hash) is read (``app.http.targets``):
+  ``RouteSpec.parse_target`` works on the raw path and query string, and serves the
+  blueprint and the download fast path alike.
 
 The Flask rule is derived from the template with a converter that accepts anything, so
 Flask only dispatches (and answers 405 with ``Allow``); whether the path fits the template
 is decided here, segment by segment on the raw path. A key with an encoded slash
 (``%2F``) is therefore refused with 400, a literal extra segment is 404, and no artifact
 route ever redirects (Werkzeug's slash merging is off: artifact keys are not file paths).
-
-Query parameters follow Kura: a repeated name keeps its last value; ``tenant_id`` and
-``namespace_id`` fall back to their aliases ``account_handle`` / ``project_handle`` only
-when absent, so ``?tenant_id=&account_handle=a`` is a missing tenant. Path segments and
-the query parameters a route reads must be valid UTF-8 once percent-decoded.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
-from urllib.parse import parse_qsl, quote, unquote_to_bytes
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from urllib.parse import quote, unquote_to_bytes
 
 from flask import Blueprint, Flask, g, request
+from gunicorn.util import split_request_uri
 from werkzeug.routing import BaseConverter
 
 from app.errors import BadRequest, NotFound, TooLarge
-from app.storage.keys import validate_component
+from app.http.services import services
+from app.http.targets import Query, Sources, Target, TargetParser
 
 if TYPE_CHECKING:
-    from app.storage.multipart import MultipartUploads, Upload
+    from app.storage.multipart import MultipartUploads
 
 READ = "artifact.read"
 WRITE = "artifact.write"
 INSPECT = "artifact.inspect"
 NAMESPACE_DELETE = "namespace.delete"
-
-TENANT_WIDE = "_"  # path segment meaning the tenant-wide namespace "" (stock Gradle URLs)
-ALIASES = {"tenant_id": ("account_handle",), "namespace_id": ("project_handle",)}
-
-
-def decode(raw: str, what: str) -> str:
-    """Percent-decode one path segment or query value; it must be UTF-8."""
-    try:
-        return unquote_to_bytes(raw).decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest(f"Invalid {what}: not valid UTF-8") from None
-
-
-class Query:
-    """A query string parsed once, the way Kura reads it (see the module docstring)."""
-
-    def __init__(self, query_string: str) -> None:
-        self._values: dict[str, str] = {}
-        # surrogateescape keeps undecodable bytes so that reading them can refuse them.
-        for name, value in parse_qsl(query_string, keep_blank_values=True, errors="surrogateescape"):
-            self._values[name] = value
-
-    def raw(self, name: str) -> str | None:
-        """The value of ``name`` (or of its first alias present), empty string included."""
-        for key in (name, *ALIASES.get(name, ())):
-            if key in self._values:
-                return _strict(self._values[key], name)
-        return None
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        """The value of ``name`` or its alias; an empty value counts as absent."""
-        return self.raw(name) or default
-
-    def required(self, name: str) -> str:
-        value = self.get(name)
-        if not value:
-            raise BadRequest(f"Missing {name}")
-        return value
-
-    def to_dict(self) -> dict[str, str]:
-        """Every parameter, for the hooks' ``ctx.query`` (undecodable bytes replaced)."""
-        return {_lossy(name): _lossy(value) for name, value in self._values.items()}
-
-
-def _strict(value: str, what: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest(f"Invalid {what}: not valid UTF-8") from None
-    return value
-
-
-def _lossy(value: str) -> str:
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-@dataclass(frozen=True)
-class Sources:
-    """What a target parser may read. ``path_args`` are the raw (still encoded) segments."""
-
-    path_args: Mapping[str, str]
-    query: Query
-    node_tenant: str
-    read_body: "Callable[[int, str], bytes] | None" = None  # (limit, too-large message)
-    max_document_bytes: int = 0
-    uploads: "MultipartUploads | None" = None
-
-
-@dataclass(frozen=True)
-class Target:
-    """What a request addresses: the view stores or serves exactly this, and the hooks'
-    ``ctx`` carries exactly this (``key`` is ``ctx.artifact_key``)."""
-
-    tenant_id: str
-    namespace_id: str
-    key: str | None
-    artifact_hash: str | None
-    query: Query
-    document: bytes | None = None  # keyvalue PUT: the document as stored
-    upload: "Upload | None" = None  # module part/complete: the upload, None when unknown
-
-
-@dataclass(frozen=True)
-class KeyRead:
-    key: str | None
-    artifact_hash: str | None = None
-    document: bytes | None = None
-
-
-class TargetParser(Protocol):
-    def parse(self, sources: Sources) -> Target: ...
-
-
-# --- small declarative sources ------------------------------------------------------
-
-
-class QueryTenant:
-    """``tenant_id`` (alias ``account_handle``) from the query; required."""
-
-    def read(self, s: Sources) -> str:
-        value = s.query.get("tenant_id")
-        if not value:
-            raise BadRequest("Missing tenant_id")
-        return validate_component(value, "tenant_id")
-
-
-@dataclass(frozen=True)
-class PathTenant:
-    var: str = "tenant_id"
-
-    def read(self, s: Sources) -> str:
-        return validate_component(decode(s.path_args[self.var], "tenant_id"), "tenant_id")
-
-
-class NodeTenant:
-    """Routes that carry no tenant (Nx, Metro) are the node's own tenant, as in Kura."""
-
-    def read(self, s: Sources) -> str:
-        return s.node_tenant
-
-
-@dataclass(frozen=True)
-class QueryNamespace:
-    """``namespace_id`` (alias ``project_handle``); absent or empty is ``default``."""
-
-    default: str = ""
-
-    def read(self, s: Sources) -> str:
-        value = s.query.get("namespace_id")
-        if not value:
-            return self.default
-        return validate_component(value, "namespace_id")
-
-
-@dataclass(frozen=True)
-class PathNamespace:
-    """A namespace path segment; ``_`` is the tenant-wide namespace."""
-
-    var: str = "namespace_id"
-
-    def read(self, s: Sources) -> str:
-        value = decode(s.path_args[self.var], "namespace_id")
-        if value == TENANT_WIDE:
-            return ""
-        return validate_component(value, "namespace_id")
-
-
-@dataclass(frozen=True)
-class PathKey:
-    """The key is ``prefix`` + one path segment; ``hashed``: the segment is also the hash."""
-
-    var: str
-    what: str
-    prefix: str = ""
-    hashed: bool = True
-
-    def read(self, s: Sources) -> KeyRead:
-        value = validate_component(decode(s.path_args[self.var], self.what), self.what)
-        return KeyRead(self.prefix + value, value if self.hashed else None)
-
-
-class ModuleKey:
-    """Module cache: ``{cache_category}/{hash}/{name}`` from the query."""
-
-    def read(self, s: Sources) -> KeyRead:
-        hash_ = validate_component(s.query.required("hash"), "hash")
-        name = validate_component(s.query.required("name"), "name")
-        category = validate_component(s.query.get("cache_category") or "builds", "cache_category")
-        return KeyRead(module_key(category, hash_, name), hash_)
-
-
-def module_key(category: str, hash_: str, name: str) -> str:
-    return f"{category}/{hash_}/{name}"
-
-
-class NoKey:
-    def read(self, s: Sources) -> KeyRead:
-        return KeyRead(None)
-
-
-class _Reads(Protocol):
-    def read(self, s: Sources) -> Any: ...
-
-
-@dataclass(frozen=True)
-class Targets:
-    """The common shape: a tenant source, a namespace source and a key source."""
-
-    tenant: _Reads
-    namespace: _Reads
-    key: _Reads = field(default_factory=NoKey)
-
-    def parse(self, s: Sources) -> Target:
-        tenant = self.tenant.read(s)
-        namespace = self.namespace.read(s)
-        key = self.key.read(s)
-        return Target(tenant, namespace, key.key, key.artifact_hash, s.query, document=key.document)
-
-
-QUERY_TENANT = QueryTenant()
-NODE_TENANT = NodeTenant()
-QUERY_NAMESPACE = QueryNamespace()
-
 
 # --- the route spec -------------------------------------------------------------------
 
@@ -372,8 +165,6 @@ def raw_target(environ: Mapping[str, Any]) -> tuple[str, str]:
     """
     raw_uri = environ.get("RAW_URI")
     if raw_uri:
-        from gunicorn.util import split_request_uri
-
         path = split_request_uri(raw_uri).path
     else:  # another WSGI server: PATH_INFO has lost the difference between / and %2F
         path = quote(environ.get("PATH_INFO", "").encode("latin-1"), safe="/")
@@ -384,8 +175,6 @@ def current_target() -> Target:
     """The current request's target, parsed once per request (before the hooks run)."""
     target = g.get("kura_target")
     if target is None:
-        from app.http.services import services
-
         spec = spec_for(request.endpoint)
         if spec is None:
             raise NotFound("Not found")

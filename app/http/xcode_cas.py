@@ -5,8 +5,9 @@ from flask import Blueprint, Response
 
 from app import metrics
 from app.http.artifacts import empty, serve_artifact, store_upload
-from app.http.routes import QUERY_NAMESPACE, QUERY_TENANT, READ, WRITE, PathKey, Target, Targets, route
+from app.http.routes import READ, WRITE, route
 from app.http.services import store
+from app.http.targets import QUERY_NAMESPACE, QUERY_TENANT, PathKey, Target, Targets
 
 bp = Blueprint("xcode_cas", __name__)
 PRODUCER = "xcode"
