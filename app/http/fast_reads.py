@@ -1,11 +1,11 @@
 """A narrow fast path for the hottest request a cache answers: a download that hits.
 
 The HTTP worker offers every GET/HEAD to ``FastReads.serve`` right after gunicorn has
-parsed it. For the routes declared ``fast_path=True`` it reads the target with the very
-parser the blueprint uses (``RouteSpec.parse_target`` on gunicorn's raw path and query),
-looks the artifact up and writes the whole answer itself (headers and a small body in one
-send; large bodies with the cooperative ``os.sendfile``), skipping Flask, Werkzeug and
-gunicorn's response object. Anything else — hooks enabled, a draining node, a miss, a
+parsed it. For the plain downloads (``app.http.routes.download``) it reads the target
+with the very parser the blueprint uses (``RouteSpec.parse_target`` on gunicorn's raw
+path and query), looks the artifact up and writes the whole answer itself (headers and a
+small body in one send; large bodies with the cooperative ``os.sendfile``), skipping
+Flask, Werkzeug and gunicorn's response object. Anything else — hooks enabled, a draining node, a miss, a
 target that does not parse, a request with a body, another route — returns False and the
 request goes to the normal blueprint untouched, so every error and edge case keeps
 exactly one definition: the blueprint's.

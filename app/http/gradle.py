@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
-from app.http.artifacts import empty, serve_artifact, store_upload
-from app.http.routes import READ, WRITE, route
+from app.http.artifacts import empty, store_upload
+from app.http.routes import WRITE, download, route
 from app.http.targets import (QUERY_NAMESPACE, QUERY_TENANT, PathKey, PathNamespace, PathTenant,
                               Target, Targets)
 
@@ -24,30 +24,15 @@ TARGET = Targets(QUERY_TENANT, QUERY_NAMESPACE, KEY)
 PATH_TARGET = Targets(PathTenant(), PathNamespace(), KEY)
 
 
-def _put(target: Target) -> Response:
+@route(bp, TEMPLATE, methods=["PUT"], operation=WRITE, producer=PRODUCER, target=TARGET)
+@route(bp, PATH_TEMPLATE, methods=["PUT"], operation=WRITE, producer=PRODUCER, target=PATH_TARGET,
+       name="put_by_path", trailing_slash=True)
+def put(target: Target) -> Response:
     result = store_upload(PRODUCER, target.namespace_id, target.key, MAX_BYTES,
                           "Payload exceeds 100MB limit")
     return empty(201 if result.created else 200)
 
 
-@route(bp, TEMPLATE, methods=["PUT"], operation=WRITE, producer=PRODUCER, target=TARGET)
-def put(target: Target) -> Response:
-    return _put(target)
-
-
-@route(bp, TEMPLATE, methods=["GET"], operation=READ, producer=PRODUCER, target=TARGET,
-       fast_path=True)
-def get(target: Target) -> Response:
-    return serve_artifact(PRODUCER, target.namespace_id, target.key)
-
-
-@route(bp, PATH_TEMPLATE, methods=["PUT"], operation=WRITE, producer=PRODUCER, target=PATH_TARGET,
-       trailing_slash=True)
-def put_by_path(target: Target) -> Response:
-    return _put(target)
-
-
-@route(bp, PATH_TEMPLATE, methods=["GET"], operation=READ, producer=PRODUCER, target=PATH_TARGET,
-       trailing_slash=True, fast_path=True)
-def get_by_path(target: Target) -> Response:
-    return serve_artifact(PRODUCER, target.namespace_id, target.key)
+download(bp, TEMPLATE, producer=PRODUCER, target=TARGET)
+download(bp, PATH_TEMPLATE, producer=PRODUCER, target=PATH_TARGET, name="get_by_path",
+         trailing_slash=True)

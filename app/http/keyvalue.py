@@ -10,8 +10,8 @@ import json
 from flask import Blueprint, Response
 
 from app.errors import BadRequest
-from app.http.artifacts import empty, serve_artifact, store_document
-from app.http.routes import READ, WRITE, route
+from app.http.artifacts import empty, store_document
+from app.http.routes import WRITE, download, route
 from app.http.targets import QUERY_NAMESPACE, QUERY_TENANT, KeyRead, PathKey, Sources, Target, Targets
 from app.storage.keys import validate_component
 
@@ -71,10 +71,7 @@ def put_entry(target: Target) -> Response:
     return empty(204)
 
 
-@route(bp, "/api/cache/keyvalue/{cas_id}", methods=["GET"], operation=READ, producer=PRODUCER,
-       target=Targets(QUERY_TENANT, QUERY_NAMESPACE, PathKey("cas_id", "cas_id", prefix=KEY_PREFIX,
-                                                                   hashed=False)),
-       fast_path=True, content_type=CONTENT_TYPE)
-def get_entry(target: Target) -> Response:
-    return serve_artifact(PRODUCER, target.namespace_id, target.key, "Key-value entry not found",
-                          content_type=CONTENT_TYPE)
+download(bp, "/api/cache/keyvalue/{cas_id}", producer=PRODUCER, name="get_entry",
+         target=Targets(QUERY_TENANT, QUERY_NAMESPACE, PathKey("cas_id", "cas_id", prefix=KEY_PREFIX,
+                                                               hashed=False)),
+         not_found="Key-value entry not found", content_type=CONTENT_TYPE)

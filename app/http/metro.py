@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
-from app.http.artifacts import empty, serve_artifact, store_upload
-from app.http.routes import READ, WRITE, route
+from app.http.artifacts import empty, store_upload
+from app.http.routes import WRITE, download, route
 from app.http.targets import NODE_TENANT, PathKey, QueryNamespace, Target, Targets
 
 bp = Blueprint("metro", __name__)
@@ -25,7 +25,4 @@ def put(target: Target) -> Response:
     return empty(200)
 
 
-@route(bp, TEMPLATE, methods=["GET"], operation=READ, producer=PRODUCER, target=TARGET,
-       fast_path=True)
-def get(target: Target) -> Response:
-    return serve_artifact(PRODUCER, target.namespace_id, target.key)
+download(bp, TEMPLATE, producer=PRODUCER, target=TARGET)

@@ -29,6 +29,7 @@ from gunicorn.util import split_request_uri
 from werkzeug.routing import BaseConverter
 
 from app.errors import BadRequest, NotFound, TooLarge
+from app.http.artifacts import serve_artifact
 from app.http.services import services
 from app.http.targets import Query, Sources, Target, TargetParser
 
@@ -110,34 +111,56 @@ def fast_path_specs() -> list[RouteSpec]:
     return [spec for spec in SPECS.values() if spec.fast_path]
 
 
+View = Callable[[Target], Any]
+
+
 def route(bp: Blueprint, template: str, *, methods: Iterable[str], operation: str,
-          target: TargetParser, producer: str | None = None, fast_path: bool = False,
-          content_type: str | None = None, trailing_slash: bool = False
-          ) -> Callable[[Callable[[Target], Any]], Callable[[Target], Any]]:
+          target: TargetParser, producer: str | None = None, name: str | None = None,
+          trailing_slash: bool = False) -> Callable[[View], View]:
     """Register ``view(target)`` on ``bp`` under the rule derived from ``template``.
 
-    ``fast_path``: a hit may be answered by ``app.http.fast_reads`` without Flask; the
-    view must then be a plain ``serve_artifact(producer, namespace, key, content_type)``.
+    ``name``: the endpoint name (default: the view's), so one view can serve two rules.
     ``trailing_slash``: one trailing ``/`` is tolerated (stock Gradle base URLs).
     """
 
-    def register(view: Callable[[Target], Any]) -> Callable[[Target], Any]:
-        spec = RouteSpec(template, tuple(methods), operation, producer, target, fast_path,
-                         content_type, trailing_slash)
-        endpoint = f"{bp.name}.{view.__name__}"
-        if endpoint in SPECS:
-            raise RuntimeError(f"route {endpoint} declared twice")
-        SPECS[endpoint] = spec
-
-        @functools.wraps(view)
-        def dispatch(**_raw_args: str) -> Any:
-            return view(current_target())
-
-        bp.add_url_rule(spec.flask_rule, endpoint=view.__name__, view_func=dispatch,
-                        methods=list(methods))
+    def register(view: View) -> View:
+        _register(bp, name or view.__name__, view,
+                  RouteSpec(template, tuple(methods), operation, producer, target,
+                            trailing_slash=trailing_slash))
         return view
 
     return register
+
+
+def download(bp: Blueprint, template: str, *, producer: str, target: TargetParser, name: str = "get",
+             not_found: str = "Artifact not found", content_type: str | None = None,
+             trailing_slash: bool = False) -> None:
+    """A plain artifact download (GET/HEAD): look the target up and serve it, or 404.
+
+    Only these routes are on the fast path (``app.http.fast_reads``), which answers a hit
+    the same way without Flask; ``content_type`` overrides the stored one.
+    """
+
+    def serve(target: Target) -> Any:
+        return serve_artifact(producer, target.namespace_id, target.key or "", not_found,
+                              content_type=content_type)
+
+    _register(bp, name, serve, RouteSpec(template, ("GET",), READ, producer, target, fast_path=True,
+                                         content_type=content_type, trailing_slash=trailing_slash))
+
+
+
+def _register(bp: Blueprint, name: str, view: View, spec: RouteSpec) -> None:
+    endpoint = f"{bp.name}.{name}"
+    if endpoint in SPECS:
+        raise RuntimeError(f"route {endpoint} declared twice")
+    SPECS[endpoint] = spec
+
+    @functools.wraps(view)
+    def dispatch(**_raw_args: str) -> Any:
+        return view(current_target())
+
+    bp.add_url_rule(spec.flask_rule, endpoint=name, view_func=dispatch, methods=list(spec.methods))
 
 
 # --- Flask glue -----------------------------------------------------------------------

@@ -4,8 +4,8 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from app import metrics
-from app.http.artifacts import empty, serve_artifact, store_upload
-from app.http.routes import READ, WRITE, route
+from app.http.artifacts import empty, store_upload
+from app.http.routes import WRITE, download, route
 from app.http.services import store
 from app.http.targets import QUERY_NAMESPACE, QUERY_TENANT, PathKey, Target, Targets
 
@@ -26,7 +26,4 @@ def upload(target: Target) -> Response:
     return empty(204)
 
 
-@route(bp, TEMPLATE, methods=["GET"], operation=READ, producer=PRODUCER, target=TARGET,
-       fast_path=True)
-def download(target: Target) -> Response:
-    return serve_artifact(PRODUCER, target.namespace_id, target.key)
+download(bp, TEMPLATE, producer=PRODUCER, target=TARGET, name="download")
