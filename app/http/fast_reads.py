@@ -5,10 +5,10 @@ parsed it. For the plain downloads (``app.http.routes.download``) it reads the t
 with the very parser the blueprint uses (``RouteSpec.parse_target`` on gunicorn's raw
 path and query), looks the artifact up and writes the whole answer itself (headers and a
 small body in one send; large bodies with the cooperative ``os.sendfile``), skipping
-Flask, Werkzeug and gunicorn's response object. Anything else — hooks enabled, a draining node, a miss, a
-target that does not parse, a request with a body, another route — returns False and the
-request goes to the normal blueprint untouched, so every error and edge case keeps
-exactly one definition: the blueprint's.
+Flask, Werkzeug and gunicorn's response object. Anything else — hooks enabled, a draining
+node, a miss, a target that does not parse, a request with a body, another route —
+returns False and the request goes to the normal blueprint untouched, so every error and
+edge case keeps exactly one definition: the blueprint's.
 """
 from __future__ import annotations
 

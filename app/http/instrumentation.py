@@ -33,9 +33,11 @@ def _before() -> None:
     g.kura_inflight = True
     spec = routes.spec_for(request.endpoint)
     if spec is None:
+        # With hooks on, an undeclared endpoint is refused (fail closed). When no rule
+        # matched at all, Flask answers 404/405 and no view runs.
         if node.extensions is not None and request.endpoint is not None:
             hooks.refuse_undeclared()
-        return  # no rule matched: Flask answers 404/405 and no view runs
+        return
     # Parsed before the hooks: a request without a valid target is a 400 for everyone.
     target = routes.current_target()
     if node.extensions is not None:

@@ -160,7 +160,10 @@ def _register(bp: Blueprint, name: str, view: View, spec: RouteSpec) -> None:
     def dispatch(**_raw_args: str) -> Any:
         return view(current_target())
 
-    bp.add_url_rule(spec.flask_rule, endpoint=name, view_func=dispatch, methods=list(spec.methods))
+    # No automatic OPTIONS answer: every method that reaches a view is a declared one
+    # (OPTIONS gets 405 with ``Allow``, as in Kura).
+    bp.add_url_rule(spec.flask_rule, endpoint=name, view_func=dispatch, methods=list(spec.methods),
+                    provide_automatic_options=False)
 
 
 # --- Flask glue -----------------------------------------------------------------------
