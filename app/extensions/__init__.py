@@ -30,7 +30,10 @@ namespace_id, producer, artifact_key, artifact_hash, headers, query)``
     Lower-case header names; ``{}`` when the hook is absent or fails.
 
 ``app.extensions.grpc_interceptor.ExtensionsInterceptor(extensions, server_tenant_id)``
-    The gRPC server interceptor (the only module here that imports grpc).
+    The gRPC server interceptor (the only module here that imports grpc). The
+    ``ctx`` of a REAPI call comes from the servicers' own parsers
+    (``app.reapi.hook_targets``, ``app.reapi.tenancy``); ``response_headers``
+    of a successful call are sent as initial metadata with ``status_code`` 200.
 
 Hooks (Lua)
 -----------

@@ -3,7 +3,9 @@
 ``app.settings`` is the only reader of ``os.environ``; it hands every
 ``KURA_EXTENSION_*`` variable to this module, which validates the per-id
 host resources (signers, JWT verifiers, HTTP clients) and the runtime knobs.
-A bad value raises ``ConfigError`` naming the variable.
+A bad value raises ``ConfigError`` naming the variable; a per-id variable with
+a suffix this version does not know (``KURA_EXTENSION_SIGNER_EDGE_FOO``) is
+logged as a warning naming it and otherwise ignored.
 
 Names follow Kura (tuist/tuist ``kura/src/extension/mod.rs``); the ones marked
 "kura-py" below do not exist in Kura.
@@ -12,10 +14,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from app.settings import ConfigError, Settings
+
+log = logging.getLogger("kura.extensions")
 
 PREFIX = "KURA_EXTENSION_"
 SIGNER_PREFIX = "KURA_EXTENSION_SIGNER_"
@@ -169,8 +174,10 @@ def _group(env: Mapping[str, str], prefix: str, suffixes: tuple[str, ...],
                     matched = True
                     break
         if not matched:
+            # A suffix this version does not know (a typo, or a setting of a newer version) does
+            # not stop the node, but is said out loud. A known name with a bad value stays fatal.
             expected = ", ".join(f"{prefix}<ID>_{s}" for s in suffixes)
-            raise ConfigError(f"{var} is not a recognised extension variable (expected one of {expected})")
+            log.warning("event=extension_unknown_variable variable=%s expected=%r", var, expected)
     return grouped
 
 

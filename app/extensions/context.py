@@ -4,6 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+# ``ctx.operation`` values (Kura's names).
+READ = "artifact.read"
+WRITE = "artifact.write"
+INSPECT = "artifact.inspect"
+NAMESPACE_DELETE = "namespace.delete"
+CAPABILITIES_READ = "capabilities.read"
+
 
 @dataclass
 class HookContext:

@@ -7,203 +7,175 @@ workers must never import it.
 the REAPI namespace lives in the request (``instance_name``, or the ByteStream
 ``resource_name``). So the interceptor wraps the method handler: for a unary
 request it reads the request it is handed, for a client stream (ByteStream
-Write) it peeks the first message and puts it back in front of the stream.
-That gives per-namespace read/write grants without servicer code. Calls are
-checked once, before the servicer runs; per-digest decisions inside batch
-calls are not made (the hooks see ``artifact_key`` only for ByteStream).
+Write) it takes the first message and puts it back in front of the stream.
 
-Health checks and reflection are not hooked.
+What the hooks are told comes from the servicers' own parsers
+(``app.reapi.hook_targets``: namespace, artifact key and hash;
+``app.reapi.tenancy``: headers and tenant), and a request they reject is
+answered INVALID_ARGUMENT before any hook runs. A served method with no rule
+is refused (fail closed). Probes (health checks, reflection) are not hooked.
 
-Denials: by default the ``KuraError`` from ``Extensions.check`` is raised so an
-outer interceptor (``app.reapi.observer.RpcObserver``, listed before this one)
-maps it with ``app.reapi.errors.status_for`` and counts it. With
-``abort_on_deny=True`` the interceptor aborts itself using ``grpc_status_for``.
-The principal of the current call is available to servicers as
-``current_principal()``.
+Denials are raised as the ``KuraError`` from ``Extensions.check``; the
+observer (``app.reapi.observer.RpcObserver``, listed before this interceptor
+in ``build_server``) maps them with ``app.reapi.errors.status_for``, the one
+gRPC error map, and counts them.
+
+``response_headers`` (as Kura): on a call that succeeds, the hook's headers are
+sent as the call's initial metadata, with ``ctx.status_code = 200``; a call
+that fails gets none. For unary responses they are sent when the servicer
+returns, for streamed responses (ByteStream Read, GetTree) once the servicer
+has produced its first message (a missing blob fails before that). The
+``ctx`` is the request's, as for HTTP (Kura hands the hook the response's
+still-empty metadata instead). Names that gRPC cannot carry as ASCII metadata
+(``-bin``, ``grpc-*``, transport headers, non-printable values) are dropped
+with a warning: the hook fails open.
 """
 from __future__ import annotations
 
-import contextvars
+import dataclasses
 import itertools
 import logging
+import re
 from typing import Any, Callable, Iterator
 
 import grpc
 
-from app.errors import KuraError
+from app.errors import BadRequest, Forbidden
 from app.extensions.context import HookContext, Principal
 from app.extensions.engine import Extensions
+from app.reapi.cache import PRODUCER
+from app.reapi.hook_targets import RULES, RpcRule
+from app.reapi.observer import PROBE_PREFIXES
+from app.reapi.tenancy import call_headers, requested_tenant
 
 log = logging.getLogger("kura.extensions")
 
-_UNHOOKED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
-TENANT_METADATA = ("x-kura-tenant-id", "x-tuist-account-handle")
-DEFAULT_INSTANCE = "default"
-
-_REAPI = "/build.bazel.remote.execution.v2."
-_BYTESTREAM = "/google.bytestream.ByteStream/"
-
-# full method → (route, operation)
-METHODS: dict[str, tuple[str, str]] = {
-    _REAPI + "Capabilities/GetCapabilities": ("reapi.capabilities.get_capabilities", "capabilities.read"),
-    _REAPI + "ActionCache/GetActionResult": ("reapi.action_cache.get_action_result", "artifact.read"),
-    _REAPI + "ActionCache/UpdateActionResult": ("reapi.action_cache.update_action_result", "artifact.write"),
-    _REAPI + "ContentAddressableStorage/FindMissingBlobs": ("reapi.cas.find_missing_blobs", "artifact.inspect"),
-    _REAPI + "ContentAddressableStorage/BatchUpdateBlobs": ("reapi.cas.batch_update_blobs", "artifact.write"),
-    _REAPI + "ContentAddressableStorage/BatchReadBlobs": ("reapi.cas.batch_read_blobs", "artifact.read"),
-    _REAPI + "ContentAddressableStorage/GetTree": ("reapi.cas.get_tree", "artifact.read"),
-    _BYTESTREAM + "Read": ("reapi.bytestream.read", "artifact.read"),
-    _BYTESTREAM + "Write": ("reapi.bytestream.write", "artifact.write"),
-    _BYTESTREAM + "QueryWriteStatus": ("reapi.bytestream.query_write_status", "artifact.inspect"),
-}
-
-_GRPC_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-}
-
-_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("kura_principal", default=None)
+# The HTTP-equivalent status of a call that succeeded (Kura passes 200).
+OK_STATUS_CODE = 200
+_METADATA_KEY = re.compile(r"^[0-9a-z_.\-]+$")
+_METADATA_VALUE = re.compile(r"^[\x20-\x7e]*$")
+_TRANSPORT_HEADERS = frozenset(("content-type", "te", "user-agent", "content-length", "host",
+                                "connection", "transfer-encoding"))
+_END = object()
 
 
-def current_principal() -> Principal | None:
-    """The principal the hooks returned for the RPC running in this thread."""
-    return _principal.get()
-
-
-def grpc_status_for(exc: KuraError) -> grpc.StatusCode:
-    """401 UNAUTHENTICATED, 403 PERMISSION_DENIED, 429 RESOURCE_EXHAUSTED, 503 UNAVAILABLE, ..."""
-    status = exc.http_status
-    if status in _GRPC_CODES:
-        return _GRPC_CODES[status]
-    return grpc.StatusCode.PERMISSION_DENIED if 400 <= status < 500 else grpc.StatusCode.UNAVAILABLE
-
-
-def route_for(method: str) -> tuple[str, str]:
-    """(route, operation) for a full gRPC method name; unknown methods are ``request``."""
-    known = METHODS.get(method)
-    if known is not None:
-        return known
-    service, _, name = method.strip("/").rpartition("/")
-    return f"grpc.{service.rsplit('.', 1)[-1].lower()}.{name.lower()}", "request"
-
-
-def metadata_headers(metadata: Any) -> dict[str, str]:
-    """Call metadata as lower-case headers (first value wins; binary ``-bin`` keys skipped)."""
-    headers: dict[str, str] = {}
-    for key, value in metadata or ():
-        key = key.lower()
-        if key.endswith("-bin") or key in headers:
+def response_metadata(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The ``response_headers`` result as gRPC metadata; names gRPC cannot carry are dropped."""
+    metadata = []
+    for name, value in headers.items():
+        if (not _METADATA_KEY.match(name) or name.endswith("-bin") or name.startswith("grpc-")
+                or name in _TRANSPORT_HEADERS or not _METADATA_VALUE.match(value)):
+            log.warning("event=extension_response_header_dropped transport=grpc header=%r", name)
             continue
-        headers[key] = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    return headers
+        metadata.append((name, value))
+    return tuple(metadata)
 
 
-def parse_resource_name(resource_name: str) -> tuple[str, str | None, str | None]:
-    """ByteStream resource → (namespace, artifact_key, artifact_hash).
+class _HookedCall:
+    """One call's hook context and principal, from ``authorize`` to ``response_headers``."""
 
-    ``[{instance}/]blobs/{hash}/{size}`` or ``[{instance}/]uploads/{uuid}/blobs/{hash}/{size}[/...]``;
-    an empty instance is the ``default`` namespace. Unparseable names yield the
-    default namespace and no key (the servicer rejects them afterwards).
-    """
-    parts = resource_name.split("/")
-    for index, part in enumerate(parts):
-        if part == "blobs" and len(parts) >= index + 3:
-            instance_parts = parts[:index]
-            if len(instance_parts) >= 2 and instance_parts[-2] == "uploads":
-                instance_parts = instance_parts[:-2]
-            namespace = "/".join(instance_parts) or DEFAULT_INSTANCE
-            digest_hash, size = parts[index + 1], parts[index + 2]
-            return namespace, f"blob/{digest_hash}/{size}", digest_hash
-    return DEFAULT_INSTANCE, None, None
+    def __init__(self, interceptor: "ExtensionsInterceptor", rule: RpcRule | None, method: str,
+                 metadata: Any, request: Any) -> None:
+        if rule is None:
+            raise Forbidden(f"No authorization rule for {method}")
+        if request is None:
+            raise BadRequest("The call carried no request message")
+        target = rule.target(request)  # BadRequest here: INVALID_ARGUMENT, no hook ran
+        self.extensions = interceptor.extensions
+        self.ctx = HookContext(
+            transport="grpc", route=rule.route, method="RPC", operation=rule.operation,
+            server_tenant_id=interceptor.server_tenant_id, tenant_id=requested_tenant(metadata),
+            namespace_id=target.namespace, producer=PRODUCER, artifact_key=target.artifact_key,
+            artifact_hash=target.artifact_hash, headers=call_headers(metadata), query={})
+        checked = self.ctx if rule.key_in_authorize else dataclasses.replace(
+            self.ctx, artifact_key=None, artifact_hash=None)
+        self.principal: Principal | None = self.extensions.check(checked)
 
-
-def context_for(method: str, metadata: Any, request: Any, server_tenant_id: str) -> HookContext:
-    """The ``HookContext`` of a REAPI call, given its first request message (or None)."""
-    route, operation = route_for(method)
-    headers = metadata_headers(metadata)
-    tenant = next((headers[h].strip() for h in TENANT_METADATA if headers.get(h, "").strip()), None)
-    namespace: str | None = None
-    artifact_key = artifact_hash = None
-    resource_name = getattr(request, "resource_name", None) if request is not None else None
-    if isinstance(resource_name, str) and resource_name:
-        namespace, artifact_key, artifact_hash = parse_resource_name(resource_name)
-    elif request is not None and isinstance(getattr(request, "instance_name", None), str):
-        namespace = request.instance_name or DEFAULT_INSTANCE
-    elif route != "reapi.capabilities.get_capabilities" and method in METHODS:
-        namespace = DEFAULT_INSTANCE
-    if operation == "artifact.write":
-        artifact_key = artifact_hash = None  # as Kura: writes are authorised per namespace
-    return HookContext(transport="grpc", route=route, method="RPC", operation=operation,
-                       server_tenant_id=server_tenant_id, tenant_id=tenant, namespace_id=namespace,
-                       producer="reapi", artifact_key=artifact_key, artifact_hash=artifact_hash,
-                       headers=headers, query={})
+    def send_response_headers(self, context: grpc.ServicerContext) -> None:
+        headers = self.extensions.response_headers(self.ctx, self.principal, OK_STATUS_CODE)
+        metadata = response_metadata(headers) if headers else ()
+        if metadata:
+            context.send_initial_metadata(metadata)
 
 
 class ExtensionsInterceptor(grpc.ServerInterceptor):
-    """Runs ``Extensions.check`` before every hooked RPC's servicer."""
+    """Runs ``Extensions.check`` before every hooked RPC's servicer, ``response_headers`` after."""
 
-    def __init__(self, extensions: Extensions, server_tenant_id: str, *, abort_on_deny: bool = False) -> None:
-        self._extensions = extensions
-        self._tenant = server_tenant_id
-        self._abort = abort_on_deny
+    def __init__(self, extensions: Extensions, server_tenant_id: str) -> None:
+        self.extensions = extensions
+        self.server_tenant_id = server_tenant_id
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(_UNHOOKED_PREFIXES):
+        if handler is None or method.startswith(PROBE_PREFIXES):
             return handler
-        metadata = handler_call_details.invocation_metadata
+        start = _CallStart(self, RULES.get(method), method, handler_call_details.invocation_metadata)
         kwargs = {"request_deserializer": handler.request_deserializer,
                   "response_serializer": handler.response_serializer}
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary_request(method, metadata, handler.unary_unary), **kwargs)
+            return grpc.unary_unary_rpc_method_handler(start.unary_unary(handler.unary_unary), **kwargs)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._unary_request(method, metadata, handler.unary_stream), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(start.unary_stream(handler.unary_stream), **kwargs)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._stream_request(method, metadata, handler.stream_unary), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(
-            self._stream_request(method, metadata, handler.stream_stream), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(start.stream_unary(handler.stream_unary), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(start.stream_stream(handler.stream_stream), **kwargs)
 
-    def check(self, context: grpc.ServicerContext, ctx: HookContext) -> Principal | None:
-        """Run the hooks for ``ctx``; on deny raise (default) or abort the call."""
-        try:
-            principal = self._extensions.check(ctx)
-        except KuraError as exc:
-            if self._abort:
-                context.abort(grpc_status_for(exc), exc.message)
-            raise
-        _principal.set(principal)
-        return principal
 
-    def _unary_request(self, method: str, metadata: Any, behavior: Callable[[Any, Any], Any]
-                       ) -> Callable[[Any, Any], Any]:
+@dataclasses.dataclass(frozen=True)
+class _CallStart:
+    """Wraps one method's behaviour for each of the four call shapes."""
+
+    interceptor: ExtensionsInterceptor
+    rule: RpcRule | None
+    method: str
+    metadata: Any
+
+    def _hook(self, request: Any) -> _HookedCall:
+        return _HookedCall(self.interceptor, self.rule, self.method, self.metadata, request)
+
+    def unary_unary(self, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
         def hooked(request: Any, context: grpc.ServicerContext) -> Any:
-            self.check(context, context_for(method, metadata, request, self._tenant))
-            return behavior(request, context)
+            call = self._hook(request)
+            response = behavior(request, context)
+            call.send_response_headers(context)
+            return response
         return hooked
 
-    def _stream_request(self, method: str, metadata: Any, behavior: Callable[[Iterator[Any], Any], Any]
-                        ) -> Callable[[Iterator[Any], Any], Any]:
+    def unary_stream(self, behavior: Callable[[Any, Any], Iterator[Any]]
+                     ) -> Callable[[Any, Any], Iterator[Any]]:
+        def hooked(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            call = self._hook(request)
+            yield from _with_headers_first(call, behavior(request, context), context)
+        return hooked
+
+    def stream_unary(self, behavior: Callable[[Iterator[Any], Any], Any]
+                     ) -> Callable[[Iterator[Any], Any], Any]:
         def hooked(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             first = next(requests, None)
-            self.check(context, context_for(method, metadata, first, self._tenant))
-            replay = iter(()) if first is None else iter((first,))
-            return behavior(itertools.chain(replay, requests), context)
+            call = self._hook(first)
+            response = behavior(itertools.chain((first,), requests), context)
+            call.send_response_headers(context)
+            return response
+        return hooked
+
+    def stream_stream(self, behavior: Callable[[Iterator[Any], Any], Iterator[Any]]
+                      ) -> Callable[[Iterator[Any], Any], Iterator[Any]]:
+        def hooked(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            first = next(requests, None)
+            call = self._hook(first)
+            responses = behavior(itertools.chain((first,), requests), context)
+            yield from _with_headers_first(call, responses, context)
         return hooked
 
 
-def authorize_grpc(extensions: Extensions, context: grpc.ServicerContext, ctx: HookContext) -> Principal | None:
-    """For servicers that need an extra, finer check (e.g. per digest): aborts the call on deny."""
-    try:
-        return extensions.check(ctx)
-    except KuraError as exc:
-        context.abort(grpc_status_for(exc), exc.message)
-        raise  # unreachable: abort raises
+def _with_headers_first(call: _HookedCall, responses: Iterator[Any],
+                        context: grpc.ServicerContext) -> Iterator[Any]:
+    """Yield ``responses``, sending the response headers once the first one exists."""
+    responses = iter(responses)
+    first = next(responses, _END)
+    call.send_response_headers(context)
+    if first is not _END:
+        yield first
+    yield from responses

@@ -10,7 +10,7 @@ import logging
 from flask import Flask
 
 from app.extensions import Extensions
-from app.http import errors, instrumentation, node_metrics
+from app.http import errors, instrumentation, node_metrics, routes
 from app.http.services import NodeServices
 from app.node_state import KIND_HTTP, NodeState, state_path
 from app.settings import Settings
@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None, *, store: ArtifactStore | None 
 
     app = Flask("kura", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = None
-    app.url_map.strict_slashes = False
+    routes.install(app)
     app.extensions["kura"] = NodeServices(settings=settings, store=store,
                                           uploads=MultipartUploads(store), node_state=node_state,
                                           extensions=Extensions.from_settings(settings))

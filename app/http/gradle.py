@@ -9,41 +9,30 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
-from app.http import params
-from app.http.artifacts import empty, serve_artifact, store_upload
-from app.storage.keys import validate_component
+from app.http.artifacts import empty, store_upload
+from app.http.routes import WRITE, download, route
+from app.http.targets import (QUERY_NAMESPACE, QUERY_TENANT, PathKey, PathNamespace, PathTenant,
+                              Target, Targets)
 
 bp = Blueprint("gradle", __name__)
 PRODUCER = "gradle"
 MAX_BYTES = 100 * 1024 * 1024
+TEMPLATE = "/api/cache/gradle/{cache_key}"
+PATH_TEMPLATE = "/gradle/{tenant_id}/{namespace_id}/{cache_key}"
+KEY = PathKey("cache_key", "cache key")
+TARGET = Targets(QUERY_TENANT, QUERY_NAMESPACE, KEY)
+PATH_TARGET = Targets(PathTenant(), PathNamespace(), KEY)
 
 
-def _put(namespace: str, cache_key: str) -> Response:
-    key = validate_component(cache_key, "cache key")
-    result = store_upload(PRODUCER, namespace, key, MAX_BYTES, "Payload exceeds 100MB limit")
+@route(bp, TEMPLATE, methods=["PUT"], operation=WRITE, producer=PRODUCER, target=TARGET)
+@route(bp, PATH_TEMPLATE, methods=["PUT"], operation=WRITE, producer=PRODUCER, target=PATH_TARGET,
+       name="put_by_path", trailing_slash=True)
+def put(target: Target) -> Response:
+    result = store_upload(PRODUCER, target.namespace_id, target.key, MAX_BYTES,
+                          "Payload exceeds 100MB limit")
     return empty(201 if result.created else 200)
 
 
-@bp.put("/api/cache/gradle/<cache_key>")
-def put(cache_key: str) -> Response:
-    params.tenant_id()
-    return _put(params.namespace_id(), cache_key)
-
-
-@bp.get("/api/cache/gradle/<cache_key>")
-def get(cache_key: str) -> Response:
-    params.tenant_id()
-    return serve_artifact(PRODUCER, params.namespace_id(), validate_component(cache_key, "cache key"))
-
-
-@bp.put("/gradle/<tenant>/<namespace>/<cache_key>")
-def put_by_path(tenant: str, namespace: str, cache_key: str) -> Response:
-    validate_component(tenant, "tenant_id")
-    return _put(params.path_namespace(namespace), cache_key)
-
-
-@bp.get("/gradle/<tenant>/<namespace>/<cache_key>")
-def get_by_path(tenant: str, namespace: str, cache_key: str) -> Response:
-    validate_component(tenant, "tenant_id")
-    return serve_artifact(PRODUCER, params.path_namespace(namespace),
-                          validate_component(cache_key, "cache key"))
+download(bp, TEMPLATE, producer=PRODUCER, target=TARGET)
+download(bp, PATH_TEMPLATE, producer=PRODUCER, target=PATH_TARGET, name="get_by_path",
+         trailing_slash=True)

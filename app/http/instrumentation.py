@@ -1,4 +1,5 @@
-"""Per-request bookkeeping shared by every route: draining, in-flight count, metrics."""
+"""Per-request bookkeeping shared by every route: draining, in-flight count, the target,
+the hooks and the metrics."""
 from __future__ import annotations
 
 import time
@@ -7,15 +8,18 @@ from flask import Flask, Response, g, request
 
 from app import metrics
 from app.errors import Draining
-from app.http import hooks
+from app.http import hooks, routes
 from app.http.probes import PROBE_ENDPOINTS
-from app.http.route_table import template_for
 from app.http.services import services
 
 
 def _route() -> str:
+    """The ``route`` label: the declared Kura template; a probe's rule; else ``unmatched``."""
+    spec = routes.spec_for(request.endpoint)
+    if spec is not None:
+        return spec.template
     rule = request.url_rule
-    return template_for(request.endpoint, rule.rule if rule is not None else None)
+    return rule.rule if rule is not None else "unmatched"
 
 
 def _before() -> None:
@@ -27,8 +31,17 @@ def _before() -> None:
         raise Draining()
     node.node_state.add_inflight(1)
     g.kura_inflight = True
+    spec = routes.spec_for(request.endpoint)
+    if spec is None:
+        # With hooks on, an undeclared endpoint is refused (fail closed). When no rule
+        # matched at all, Flask answers 404/405 and no view runs.
+        if node.extensions is not None and request.endpoint is not None:
+            hooks.refuse_undeclared()
+        return
+    # Parsed before the hooks: a request without a valid target is a 400 for everyone.
+    target = routes.current_target()
     if node.extensions is not None:
-        hooks.authorize_request(node.extensions)
+        hooks.authorize_request(node.extensions, spec, target, node.settings.tenant_id)
 
 
 def _after(response: Response) -> Response:

@@ -1,14 +1,18 @@
-"""Xcode key-value entries (Tuist): small JSON documents keyed by CAS id."""
+"""Xcode key-value entries (Tuist): small JSON documents keyed by CAS id.
+
+As in Kura, the stored document is exactly ``{"entries":[{"value":...},...]}``: ``cas_id``
+and any other field, at the top or inside an entry, are dropped.
+"""
 from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response
 
-from app.errors import BadRequest, TooLarge
-from app.http import params
-from app.http.artifacts import empty, serve_artifact, store_document
-from app.http.services import services
+from app.errors import BadRequest
+from app.http.artifacts import empty, store_document
+from app.http.routes import WRITE, download, route
+from app.http.targets import QUERY_NAMESPACE, QUERY_TENANT, KeyRead, PathKey, Sources, Target, Targets
 from app.storage.keys import validate_component
 
 bp = Blueprint("keyvalue", __name__)
@@ -17,53 +21,57 @@ KEY_PREFIX = "action_cache/"
 CONTENT_TYPE = "application/json"
 
 
-def _parse(raw: bytes) -> tuple[str, bytes]:
-    def invalid(detail: str) -> BadRequest:
-        return BadRequest(f"Invalid key-value payload: {detail}")
+def _invalid(detail: str) -> BadRequest:
+    return BadRequest(f"Invalid key-value payload: {detail}")
 
+
+def parse_document(raw: bytes) -> tuple[str, bytes]:
+    """``(cas_id, document as stored)`` from a PUT body."""
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise invalid(f"malformed JSON ({exc.__class__.__name__})") from None
+        raise _invalid(f"malformed JSON ({exc.__class__.__name__})") from None
     if not isinstance(doc, dict):
-        raise invalid("expected a JSON object")
+        raise _invalid("expected a JSON object")
     cas_id = doc.get("cas_id")
     if not isinstance(cas_id, str) or not cas_id:
-        raise invalid("cas_id must be a non-empty string")
+        raise _invalid("cas_id must be a non-empty string")
     entries = doc.get("entries")
     if not isinstance(entries, list):
-        raise invalid("entries must be a list")
+        raise _invalid("entries must be a list")
+    values = []
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("value"), str):
-            raise invalid("each entry must be an object with a string value")
+            raise _invalid("each entry must be an object with a string value")
+        values.append({"value": entry["value"]})
     try:
         validate_component(cas_id, "cas_id")
     except BadRequest as exc:
-        raise invalid(exc.message) from None
-    return cas_id, json.dumps({"entries": entries}, separators=(",", ":")).encode()
+        raise _invalid(exc.message) from None
+    # Kura (serde_json) writes compact UTF-8; so do we, byte for byte.
+    stored = json.dumps({"entries": values}, separators=(",", ":"), ensure_ascii=False)
+    return cas_id, stored.encode("utf-8")
 
 
-@bp.put("/api/cache/keyvalue")
-def put_entry() -> Response:
-    params.tenant_id()
-    namespace = params.namespace_id()
-    limit = services().settings.max_keyvalue_bytes
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise TooLarge(f"Key-value payload exceeds {limit} bytes")
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
-        raise TooLarge(f"Key-value payload exceeds {limit} bytes")
-    if declared is not None and len(raw) != declared:
-        raise BadRequest(f"Incomplete body: received {len(raw)} of {declared} bytes")
-    cas_id, document = _parse(raw)
-    store_document(PRODUCER, namespace, KEY_PREFIX + cas_id, document)
+class DocumentKey:
+    """The PUT's key is ``action_cache/{cas_id}`` from its JSON body, read whole (it is small)."""
+
+    def read(self, s: Sources) -> KeyRead:
+        assert s.read_body is not None, "keyvalue PUT needs the request body"
+        limit = s.max_document_bytes
+        cas_id, document = parse_document(s.read_body(limit, f"Key-value payload exceeds {limit} bytes"))
+        return KeyRead(KEY_PREFIX + cas_id, None, document)
+
+
+@route(bp, "/api/cache/keyvalue", methods=["PUT"], operation=WRITE, producer=PRODUCER,
+       target=Targets(QUERY_TENANT, QUERY_NAMESPACE, DocumentKey()))
+def put_entry(target: Target) -> Response:
+    assert target.document is not None
+    store_document(PRODUCER, target.namespace_id, target.key, target.document)
     return empty(204)
 
 
-@bp.get("/api/cache/keyvalue/<cas_id>")
-def get_entry(cas_id: str) -> Response:
-    params.tenant_id()
-    key = KEY_PREFIX + validate_component(cas_id, "cas_id")
-    return serve_artifact(PRODUCER, params.namespace_id(), key, "Key-value entry not found",
-                          content_type=CONTENT_TYPE)
+download(bp, "/api/cache/keyvalue/{cas_id}", producer=PRODUCER, name="get_entry",
+         target=Targets(QUERY_TENANT, QUERY_NAMESPACE, PathKey("cas_id", "cas_id", prefix=KEY_PREFIX,
+                                                               hashed=False)),
+         not_found="Key-value entry not found", content_type=CONTENT_TYPE)

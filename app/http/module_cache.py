@@ -1,4 +1,10 @@
-"""Tuist module cache: multipart uploads of built modules, then HEAD/GET by hash + name."""
+"""Tuist module cache: multipart uploads of built modules, then HEAD/GET by hash + name.
+
+Every route names its tenant (``tenant_id``, as Tuist's cache API requires even on
+``part`` and ``complete``). ``part`` and ``complete`` write into the upload that ``start``
+opened, so what they address (namespace, key, hash) is read from that upload, not from
+the query: the hooks authorize the namespace that is actually written.
+"""
 from __future__ import annotations
 
 import json
@@ -7,13 +13,14 @@ import re
 from flask import Blueprint, Response, jsonify, request
 
 from app import metrics
-from app.errors import BadRequest, TooLarge
-from app.http import params
+from app.errors import BadRequest, NotFound, TooLarge
 from app.http.artifacts import empty, serve_artifact
 from app.http.bodies import receive_body
+from app.http.routes import READ, WRITE, route
 from app.http.services import services, store
+from app.http.targets import QUERY_NAMESPACE, QUERY_TENANT, KeyRead, Sources, Target, Targets
 from app.storage.keys import validate_component
-from app.storage.multipart import MAX_PART_BYTES
+from app.storage.multipart import MAX_PART_BYTES, Upload
 
 bp = Blueprint("module_cache", __name__)
 PRODUCER = "module"
@@ -23,11 +30,39 @@ MAX_COMPLETE_BODY = 1024 * 1024  # {"parts": [1..10000]} is ~60 KiB
 _VERSION = re.compile(r"^\s*v?(\d+)(?:\.(\d+))?(?:\.(\d+))?")
 
 
-def _module_key() -> str:
-    hash_ = validate_component(params.required_query("hash"), "hash")
-    name = validate_component(params.required_query("name"), "name")
-    category = validate_component(request.args.get("cache_category") or "builds", "cache_category")
-    return f"{category}/{hash_}/{name}"
+class ModuleKey:
+    """``{cache_category}/{hash}/{name}`` from the query (``cache_category`` defaults to builds)."""
+
+    def read(self, s: Sources) -> KeyRead:
+        hash_ = validate_component(s.query.required("hash"), "hash")
+        name = validate_component(s.query.required("name"), "name")
+        category = validate_component(s.query.get("cache_category") or "builds", "cache_category")
+        return KeyRead(f"{category}/{hash_}/{name}", hash_)
+
+
+MODULE_TARGET = Targets(QUERY_TENANT, QUERY_NAMESPACE, ModuleKey())
+
+
+class UploadTarget:
+    """``part`` / ``complete``: the tenant from the query, the rest from the open upload.
+
+    An unknown ``upload_id`` leaves the key empty (the hooks still run, with the query's
+    namespace); the view then answers 404 ``Upload not found``.
+    """
+
+    def parse(self, s: Sources) -> Target:
+        tenant = QUERY_TENANT.read(s)
+        upload_id = validate_component(s.query.required("upload_id"), "upload_id")
+        assert s.uploads is not None, "module uploads need the node's multipart store"
+        try:
+            upload = s.uploads.get(upload_id)
+        except NotFound:
+            return Target(tenant, QUERY_NAMESPACE.read(s), None, None, s.query)
+        return Target(tenant, upload.namespace_id, upload.key, upload.key.split("/")[1], s.query,
+                      upload=upload)
+
+
+UPLOAD_TARGET = UploadTarget()
 
 
 def _supports_no_content(header: str | None) -> bool:
@@ -39,42 +74,40 @@ def _supports_no_content(header: str | None) -> bool:
     return version >= NO_BODY_VERSION
 
 
-def _upload_id() -> str:
-    return validate_component(params.required_query("upload_id"), "upload_id")
+def _open_upload(target: Target) -> Upload:
+    if target.upload is None:
+        raise NotFound("Upload not found")
+    return target.upload
 
 
-@bp.post("/api/cache/module/start")
-def start() -> Response:
-    params.tenant_id()
-    namespace = params.namespace_id()
-    key = _module_key()
-    if store().exists(PRODUCER, namespace, key):
+@route(bp, "/api/cache/module/start", methods=["POST"], operation=WRITE, producer=PRODUCER,
+       target=MODULE_TARGET)
+def start(target: Target) -> Response:
+    if store().exists(PRODUCER, target.namespace_id, target.key):
         metrics.ARTIFACT_WRITES.labels(PRODUCER, "exists").inc()
         if _supports_no_content(request.headers.get("x-tuist-cli-version")):
             return empty(204)
         return jsonify({"upload_id": None})
     store().check_write_budget()
-    return jsonify({"upload_id": services().uploads.start(PRODUCER, namespace, key)})
+    return jsonify({"upload_id": services().uploads.start(PRODUCER, target.namespace_id, target.key)})
 
 
-@bp.post("/api/cache/module/part")
-def part() -> Response:
-    upload_id = _upload_id()
-    raw_number = request.args.get("part_number", "")
+@route(bp, "/api/cache/module/part", methods=["POST"], operation=WRITE, producer=PRODUCER,
+       target=UPLOAD_TARGET)
+def part(target: Target) -> Response:
+    upload = _open_upload(target)  # 404 before reading the body
+    raw_number = target.query.get("part_number", "")
     if not raw_number.isdigit() or not 1 <= int(raw_number) <= MAX_PART_NUMBER:
         raise BadRequest("Invalid part_number")
-    uploads = services().uploads
-    uploads.get(upload_id)  # 404 before reading the body
     with receive_body(MAX_PART_BYTES, "Part exceeds 10MB limit") as staged:
-        uploads.put_part(upload_id, int(raw_number), staged)
+        services().uploads.put_part(upload.upload_id, int(raw_number), staged)
     return empty(204)
 
 
-@bp.post("/api/cache/module/complete")
-def complete() -> Response:
-    upload_id = _upload_id()
-    uploads = services().uploads
-    uploads.get(upload_id)
+@route(bp, "/api/cache/module/complete", methods=["POST"], operation=WRITE, producer=PRODUCER,
+       target=UPLOAD_TARGET)
+def complete(target: Target) -> Response:
+    upload = _open_upload(target)
     raw = request.stream.read(MAX_COMPLETE_BODY + 1)
     if len(raw) > MAX_COMPLETE_BODY:
         raise TooLarge("Complete request body too large")
@@ -84,19 +117,18 @@ def complete() -> Response:
         raise BadRequest("Invalid JSON body") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("parts"), list):
         raise BadRequest("Parts mismatch or missing parts")
-    result = uploads.complete(upload_id, doc["parts"])
+    result = services().uploads.complete(upload.upload_id, doc["parts"])
     metrics.ARTIFACT_WRITES.labels(PRODUCER, "created" if result.created else "updated").inc()
     return empty(204)
 
 
-@bp.route("/api/cache/module/<module_id>", methods=["GET", "HEAD"])
-def download(module_id: str) -> Response:
-    params.tenant_id()
-    namespace = params.namespace_id()
-    key = _module_key()
+@route(bp, "/api/cache/module/{id}", methods=["GET", "HEAD"], operation=READ, producer=PRODUCER,
+       target=MODULE_TARGET)
+def download(target: Target) -> Response:
+    # ``{id}`` is ignored: the module is named by the query.
     if request.method == "HEAD":
-        if not store().exists(PRODUCER, namespace, key):
+        if not store().exists(PRODUCER, target.namespace_id, target.key):
             metrics.ARTIFACT_READS.labels(PRODUCER, "miss").inc()
             return empty(404)
         return empty(204)
-    return serve_artifact(PRODUCER, namespace, key)
+    return serve_artifact(PRODUCER, target.namespace_id, target.key)

@@ -1,44 +1,35 @@
 """Nx self-hosted remote cache (OpenAPI ``/v1/cache/{hash}``).
 
 Namespace ``nx`` unless ``namespace_id`` is given; ``/nx/{namespace_id}/v1/cache/{hash}``
-gives per-project namespaces to clients that keep a base-URL path prefix.
+gives per-project namespaces to clients that keep a base-URL path prefix. Nx sends no
+tenant: the hooks see the node's tenant, as in Kura.
 """
 from __future__ import annotations
 
 from flask import Blueprint, Response
 
-from app.http import params
-from app.http.artifacts import empty, serve_artifact, store_upload
-from app.storage.keys import validate_component
+from app.http.artifacts import empty, store_upload
+from app.http.routes import WRITE, download, route
+from app.http.targets import NODE_TENANT, PathKey, PathNamespace, QueryNamespace, Target, Targets
 
 bp = Blueprint("nx", __name__)
 PRODUCER = "nx"
 DEFAULT_NAMESPACE = "nx"
 MAX_BYTES = 2 * 1024 * 1024 * 1024
+TEMPLATE = "/v1/cache/{hash}"
+NAMESPACED_TEMPLATE = "/nx/{namespace_id}/v1/cache/{hash}"
+KEY = PathKey("hash", "hash")
+TARGET = Targets(NODE_TENANT, QueryNamespace(DEFAULT_NAMESPACE), KEY)
+NAMESPACED_TARGET = Targets(NODE_TENANT, PathNamespace(), KEY)
 
 
-def _put(namespace: str, hash_: str) -> Response:
-    store_upload(PRODUCER, namespace, validate_component(hash_, "hash"), MAX_BYTES,
-                 "Payload exceeds 2GB limit")
+@route(bp, TEMPLATE, methods=["PUT"], operation=WRITE, producer=PRODUCER, target=TARGET)
+@route(bp, NAMESPACED_TEMPLATE, methods=["PUT"], operation=WRITE, producer=PRODUCER,
+       target=NAMESPACED_TARGET, name="put_in_namespace")
+def put(target: Target) -> Response:
+    store_upload(PRODUCER, target.namespace_id, target.key, MAX_BYTES, "Payload exceeds 2GB limit")
     return empty(200)
 
 
-@bp.put("/v1/cache/<hash_>")
-def put(hash_: str) -> Response:
-    return _put(params.namespace_id(DEFAULT_NAMESPACE), hash_)
-
-
-@bp.get("/v1/cache/<hash_>")
-def get(hash_: str) -> Response:
-    return serve_artifact(PRODUCER, params.namespace_id(DEFAULT_NAMESPACE),
-                          validate_component(hash_, "hash"))
-
-
-@bp.put("/nx/<namespace>/v1/cache/<hash_>")
-def put_in_namespace(namespace: str, hash_: str) -> Response:
-    return _put(params.path_namespace(namespace), hash_)
-
-
-@bp.get("/nx/<namespace>/v1/cache/<hash_>")
-def get_in_namespace(namespace: str, hash_: str) -> Response:
-    return serve_artifact(PRODUCER, params.path_namespace(namespace), validate_component(hash_, "hash"))
+download(bp, TEMPLATE, producer=PRODUCER, target=TARGET)
+download(bp, NAMESPACED_TEMPLATE, producer=PRODUCER, target=NAMESPACED_TARGET, name="get_in_namespace")

@@ -4,32 +4,26 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from app import metrics
-from app.http import params
-from app.http.artifacts import empty, serve_artifact, store_upload
+from app.http.artifacts import empty, store_upload
+from app.http.routes import WRITE, download, route
 from app.http.services import store
-from app.storage.keys import validate_component
+from app.http.targets import QUERY_NAMESPACE, QUERY_TENANT, PathKey, Target, Targets
 
 bp = Blueprint("xcode_cas", __name__)
 PRODUCER = "xcode"
-KEY_PREFIX = "blob/"
 MAX_BYTES = 256 * 1024 * 1024
+TEMPLATE = "/api/cache/cas/{id}"
+TARGET = Targets(QUERY_TENANT, QUERY_NAMESPACE, PathKey("id", "CAS id", prefix="blob/"))
 
 
-@bp.post("/api/cache/cas/<cas_id>")
-def upload(cas_id: str) -> Response:
-    params.tenant_id()
-    namespace = params.namespace_id()
-    key = KEY_PREFIX + validate_component(cas_id, "CAS id")
-    if store().exists(PRODUCER, namespace, key):
+@route(bp, TEMPLATE, methods=["POST"], operation=WRITE, producer=PRODUCER, target=TARGET)
+def upload(target: Target) -> Response:
+    if store().exists(PRODUCER, target.namespace_id, target.key):
         # Already stored: answer without reading the body.
         metrics.ARTIFACT_WRITES.labels(PRODUCER, "exists").inc()
         return empty(204)
-    store_upload(PRODUCER, namespace, key, MAX_BYTES, "Payload exceeds 256MB limit")
+    store_upload(PRODUCER, target.namespace_id, target.key, MAX_BYTES, "Payload exceeds 256MB limit")
     return empty(204)
 
 
-@bp.get("/api/cache/cas/<cas_id>")
-def download(cas_id: str) -> Response:
-    params.tenant_id()
-    key = KEY_PREFIX + validate_component(cas_id, "CAS id")
-    return serve_artifact(PRODUCER, params.namespace_id(), key)
+download(bp, TEMPLATE, producer=PRODUCER, target=TARGET, name="download")

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 
 from app.errors import BadRequest, NotFound
 from app.reapi.cache import ReapiCache
-from app.reapi.digests import BlobDigest, namespace_for, parse_digest
+from app.reapi.digests import BlobDigest, parse_action, parse_digest
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 
@@ -50,8 +50,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
 
     def GetActionResult(self, request: re_pb2.GetActionResultRequest,
                         context: grpc.ServicerContext) -> re_pb2.ActionResult:
-        namespace = namespace_for(request.instance_name)
-        action = parse_digest(request.action_digest, "action_digest")
+        namespace, action = parse_action(request.instance_name, request.action_digest)
         result = re_pb2.ActionResult()
         try:
             result.ParseFromString(self.cache.get_action_result(namespace, action))
@@ -81,8 +80,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
 
     def UpdateActionResult(self, request: re_pb2.UpdateActionResultRequest,
                            context: grpc.ServicerContext) -> re_pb2.ActionResult:
-        namespace = namespace_for(request.instance_name)
-        action = parse_digest(request.action_digest, "action_digest")
+        namespace, action = parse_action(request.instance_name, request.action_digest)
         referenced_digests(request.action_result)  # reject malformed digests before storing
         serialized = request.action_result.SerializeToString(deterministic=True)
         self.cache.put_action_result(namespace, action, serialized)

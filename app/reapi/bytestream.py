@@ -14,7 +14,7 @@ from typing import Iterator
 
 import grpc
 
-from app.errors import BadRequest, TruncatedBody
+from app.errors import BadRequest, NotFound, TruncatedBody
 from app.reapi.cache import ReapiCache
 from app.reapi.capabilities import READ_CHUNK_BYTES
 from app.reapi.digests import parse_read_resource, parse_write_resource
@@ -87,13 +87,13 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
 
     def QueryWriteStatus(self, request: bs_pb2.QueryWriteStatusRequest,
                          context: grpc.ServicerContext) -> bs_pb2.QueryWriteStatusResponse:
-        """Complete when the blob is stored; otherwise nothing is committed (restart at 0).
+        """Complete when the blob is stored; otherwise NOT_FOUND, as Kura answers.
 
-        Partial uploads are never kept once their stream ends, so the honest
-        answer for an unfinished upload is ``committed_size = 0``.
+        Partial uploads are never kept once their stream ends (writes are not
+        resumable), so an upload that did not finish is unknown here and the
+        client restarts it from offset 0.
         """
         resource = parse_write_resource(request.resource_name)
-        if self.cache.contains(resource.namespace, resource.digest):
-            return bs_pb2.QueryWriteStatusResponse(committed_size=resource.digest.size,
-                                                   complete=True)
-        return bs_pb2.QueryWriteStatusResponse(committed_size=0, complete=False)
+        if not self.cache.contains(resource.namespace, resource.digest):
+            raise NotFound(f"No finished upload or stored blob for {resource.digest}")
+        return bs_pb2.QueryWriteStatusResponse(committed_size=resource.digest.size, complete=True)

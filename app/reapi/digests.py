@@ -88,6 +88,11 @@ def namespace_for(instance_name: str) -> str:
     return instance_name or DEFAULT_NAMESPACE
 
 
+def parse_action(instance_name: str, action_digest: re_pb2.Digest) -> tuple[str, BlobDigest]:
+    """The namespace and action digest an ActionCache request names."""
+    return namespace_for(instance_name), parse_digest(action_digest, "action_digest")
+
+
 @dataclass(frozen=True)
 class ReadResource:
     namespace: str

@@ -1,7 +1,8 @@
 """The one mapping from domain errors to gRPC status codes (SPEC §4).
 
 Servicers raise ``app.errors`` exceptions (or ``OutOfRange`` below) and never
-call ``context.abort`` themselves; ``app.reapi.observer`` turns whatever they
+call ``context.abort`` themselves; nor does the extensions interceptor, whose
+hook denials are ``KuraError`` too. ``app.reapi.observer`` turns whatever they
 raise into a status with :func:`status_for`.
 """
 from __future__ import annotations
@@ -44,11 +45,15 @@ _BY_HTTP_STATUS = {
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC code and client-facing message for an exception raised by a servicer."""
+    """The gRPC code and client-facing message for an exception raised by a servicer or a hook."""
     if isinstance(exc, KuraError):
         for kind, code in _CODES:
             if isinstance(exc, kind):
                 return code, exc.message
-        # Extension hooks deny with an HTTP-style status (SPEC §4: 401/403/429/503).
-        return _BY_HTTP_STATUS.get(exc.http_status, grpc.StatusCode.INTERNAL), exc.message
+        # Extension hooks deny with an HTTP-style status (SPEC §4: 401/403/429/503). Any
+        # other status maps as Kura's grpc_status_from_http_status: 4xx PERMISSION_DENIED,
+        # 5xx INTERNAL.
+        status = exc.http_status
+        default = grpc.StatusCode.PERMISSION_DENIED if 400 <= status < 500 else grpc.StatusCode.INTERNAL
+        return _BY_HTTP_STATUS.get(status, default), exc.message
     return grpc.StatusCode.INTERNAL, "internal error"

@@ -18,17 +18,28 @@ from typing import Any, Callable, Iterator
 import grpc
 
 from app import metrics
-from app.errors import Draining
+from app.errors import Draining, TruncatedBody
 from app.node_state import NodeState
 from app.reapi.errors import status_for
 from app.reapi.tenancy import requested_tenant
 
 log = logging.getLogger("kura.reapi")
 
-# Probes keep answering while the node drains (SPEC §3: only non-probe routes get 503).
-_PROBE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Probes keep answering while the node drains (SPEC §3: only non-probe routes get 503), and
+# the extension hooks never run for them (SPEC §7).
+PROBE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # Codes that are part of normal cache traffic (a miss, a client that went away).
 _QUIET_CODES = frozenset((grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED))
+# How long a stream that ended without its last message waits to be reported cancelled
+# instead of truncated (only on that error path).
+CANCEL_SETTLE_S = 0.05
+
+
+def _settle(context: grpc.ServicerContext) -> None:
+    """Give a cancellation that is already on its way ``CANCEL_SETTLE_S`` to show."""
+    deadline = time.monotonic() + CANCEL_SETTLE_S
+    while context.is_active() and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 class _Call:
@@ -37,7 +48,7 @@ class _Call:
     def __init__(self, observer: "RpcObserver", method: str) -> None:
         self.observer = observer
         self.method = method
-        self.probe = method.startswith(_PROBE_PREFIXES)
+        self.probe = method.startswith(PROBE_PREFIXES)
         self.started = time.monotonic()
         self.done = False
         observer.node_state.add_inflight(1)
@@ -50,6 +61,10 @@ class _Call:
 
     def fail(self, exc: BaseException, context: grpc.ServicerContext) -> None:
         """Record the status for ``exc`` and abort the call with it (raises)."""
+        if isinstance(exc, TruncatedBody):
+            # A client that cancels mid-stream ends the request iterator (so the handler
+            # raises TruncatedBody) a moment before grpcio marks the call cancelled.
+            _settle(context)
         if not context.is_active():
             # The client went away (cancelled or deadline): whatever the handler raised on
             # its way out (often a truncated body), the call's outcome is CANCELLED.

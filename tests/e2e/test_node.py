@@ -37,9 +37,9 @@ def test_every_route_through_the_real_node(node) -> None:
                         json={"cas_id": "c1", "entries": [{"value": "v"}]}).status_code == 204
     assert requests.get(f"{u}/api/cache/keyvalue/c1?{T}").json() == {"entries": [{"value": "v"}]}
     start = requests.post(f"{u}/api/cache/module/start?{T}&hash=h&name=n").json()
-    assert requests.post(f"{u}/api/cache/module/part?upload_id={start['upload_id']}&part_number=1",
+    assert requests.post(f"{u}/api/cache/module/part?{T}&upload_id={start['upload_id']}&part_number=1",
                          data=b"mod").status_code == 204
-    assert requests.post(f"{u}/api/cache/module/complete?upload_id={start['upload_id']}",
+    assert requests.post(f"{u}/api/cache/module/complete?{T}&upload_id={start['upload_id']}",
                          json={"parts": [1]}).status_code == 204
     assert requests.head(f"{u}/api/cache/module/x?{T}&hash=h&name=n").status_code == 204
     assert requests.get(f"{u}/api/cache/module/x?{T}&hash=h&name=n").content == b"mod"
@@ -103,10 +103,12 @@ def test_truncated_upload_from_a_disconnecting_client_is_invisible(node) -> None
 
 
 def test_errors_below_flask_are_json(node) -> None:
-    r = requests.get(f"{node.url}/api/cache/cas/{'x' * 9000}?{T}")
-    assert r.status_code in (400, 414)
+    # gunicorn refuses a request line over limit_request_line (8190) with 414 URI Too Long.
+    target = f"/api/cache/cas/{'x' * 9000}?{T}"
+    r = requests.get(node.url + target)
+    assert r.status_code == 414
     assert r.headers["Content-Type"] == "application/json"
-    assert "message" in r.json()
+    assert r.json() == {"message": f"Request Line is too large ({len(f'GET {target} HTTP/1.1')} > 8190)"}
 
 
 def test_second_node_on_same_directory_is_refused(node, tmp_path) -> None:
@@ -235,8 +237,16 @@ def test_download_fast_path_agrees_with_the_blueprints(node) -> None:
     assert requests.get(f"{u}/api/cache/cas/c").json() == {"message": "Missing tenant_id"}
     miss = requests.get(f"{u}/api/cache/cas/c?{T}")
     assert miss.status_code == 404 and miss.headers["Server"] != "kura"  # the blueprint's 404
-    assert requests.get(f"{u}/api/cache/cas/..?{T}").status_code in (400, 404)
-    assert metric(node, 'kura_http_requests_total{route="/api/cache/cas/{id}",status="200"}') == before + 1
+    dots = requests.get(f"{u}/api/cache/cas/%2E%2E?{T}")  # requests would resolve a literal ..
+    assert dots.status_code == 400
+    assert dots.json() == {"message": "Invalid CAS id: path traversal is not allowed"}
+    # Both paths read the query alike: an empty tenant_id is missing even with an alias.
+    empty = requests.get(f"{u}/api/cache/cas/c?tenant_id=&account_handle=acme&namespace_id=p")
+    assert empty.status_code == 400 and empty.json() == {"message": "Missing tenant_id"}
+    assert requests.get(f"{u}/api/cache/cas/c?{T}&namespace_id=&project_handle=p").status_code == 404
+    encoded = requests.get(f"{u}/api/cache/cas/%63?account_handle=acme&project_handle=%70")
+    assert encoded.content == b"c" * 10 and encoded.headers["Server"] == "kura"
+    assert metric(node, 'kura_http_requests_total{route="/api/cache/cas/{id}",status="200"}') == before + 2
     # HTTP/1.0 without keep-alive: the node answers and closes.
     with socket.create_connection(("127.0.0.1", node.port)) as sock:
         sock.sendall(b"GET /nx/proj/v1/cache/n HTTP/1.0\r\n\r\n")
@@ -244,3 +254,35 @@ def test_download_fast_path_agrees_with_the_blueprints(node) -> None:
         while chunk := sock.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.0 200 OK") and data.endswith(b"\r\n\r\nnx")
+
+
+# Keys with an encoded slash on every artifact route, as gunicorn decodes them into
+# PATH_INFO: refused with 400, never redirected to another key.
+ENCODED_SLASH_KEYS = [
+    ("GET", f"/api/cache/cas/%2Fvictim?{T}", "Invalid CAS id"),
+    ("POST", f"/api/cache/cas/%2Fvictim?{T}", "Invalid CAS id"),
+    ("GET", f"/api/cache/keyvalue/%2Fvictim?{T}", "Invalid cas_id"),
+    ("GET", f"/api/cache/gradle/%2Fvictim?{T}", "Invalid cache key"),
+    ("PUT", f"/api/cache/gradle/%2Fvictim?{T}", "Invalid cache key"),
+    ("GET", "/gradle/acme/_/%2Fvictim", "Invalid cache key"),
+    ("PUT", "/gradle/acme/_/%2Fvictim/", "Invalid cache key"),
+    ("GET", "/v1/cache/%2Fvictim", "Invalid hash"),
+    ("PUT", "/nx/p/v1/cache/%2Fvictim", "Invalid hash"),
+    ("GET", "/api/metro/cache/%2Fvictim", "Invalid cache key"),
+    ("PUT", "/api/metro/cache/%2Fvictim", "Invalid cache key"),
+    ("GET", f"/api/cache/module/x?{T}&hash=%2Fvictim&name=n", "Invalid hash"),
+]
+
+
+def test_artifact_routes_never_redirect(node) -> None:
+    u = node.url
+    assert requests.post(f"{u}/api/cache/cas/victim?{T}", data=b"victim").status_code == 204
+    for method, target, what in ENCODED_SLASH_KEYS:
+        r = requests.request(method, u + target, data=b"x" if method != "GET" else None,
+                             allow_redirects=False)
+        assert r.status_code == 400, (method, target, r.status_code, r.headers.get("Location"))
+        assert r.json() == {"message": f"{what}: slashes are not allowed"}, target
+    for target in (f"/api/cache/cas//victim?{T}", f"/api//cache/cas/victim?{T}", "/v1/cache/victim/",
+                   f"/api/cache/module/a/b?{T}&hash=h&name=n"):
+        r = requests.get(u + target, allow_redirects=False)
+        assert r.status_code == 404 and r.json() == {"message": "Not found"}, target

@@ -52,7 +52,7 @@ def test_tenant_routing(make_extensions) -> None:
         ext.check(http_ctx(tenant_id="globex"))
     with pytest.raises(BadRequest, match="Missing tenant_id"):
         ext.check(http_ctx(tenant_id=None))
-    assert ext.check(http_ctx(transport="grpc", tenant_id=None, route="reapi.cas.find_missing_blobs")) is None
+    assert ext.check(http_ctx(transport="grpc", tenant_id=None, route="reapi.cas.find_missing")) is None
 
 
 # Written against the same API surface tuist.lua uses (pcall around kura.jwt_verify,

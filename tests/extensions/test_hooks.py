@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 
 import pytest
 
@@ -159,9 +160,20 @@ def test_bytecode_script_is_refused(make_extensions, tmp_path) -> None:
     ({"KURA_EXTENSION_HTTP_CLIENT_A_BASE_URL": "ftp://x"}, "KURA_EXTENSION_HTTP_CLIENT_A_BASE_URL"),
     ({"KURA_EXTENSION_HTTP_CLIENT_A_BASE_URL": "http://x", "KURA_EXTENSION_HTTP_CLIENT_A_REQUEST_TIMEOUT_MS": "x"},
      "KURA_EXTENSION_HTTP_CLIENT_A_REQUEST_TIMEOUT_MS"),
-    ({"KURA_EXTENSION_HTTP_CLIENT_A_TIMEOUT": "1"}, "KURA_EXTENSION_HTTP_CLIENT_A_TIMEOUT"),
     ({"KURA_EXTENSION_CACHE_MAX_ENTRIES": "0"}, "KURA_EXTENSION_CACHE_MAX_ENTRIES"),
 ])
 def test_bad_extension_variables_name_the_variable(make_extensions, env, var) -> None:
     with pytest.raises(ConfigError, match=var):
         make_extensions("local x = 1", env)
+
+
+@pytest.mark.parametrize("var", ["KURA_EXTENSION_SIGNER_EDGE_FOO", "KURA_EXTENSION_HTTP_CLIENT_A_TIMEOUT",
+                                 "KURA_EXTENSION_JWT_VERIFIER_SECRET"])
+def test_unknown_per_id_variable_is_a_warning_naming_it(make_extensions, caplog, var) -> None:
+    key = base64.b64encode(b"k").decode()
+    with caplog.at_level(logging.WARNING, logger="kura.extensions"):
+        ext = make_extensions("local x = 1", {var: "x", "KURA_EXTENSION_SIGNER_EDGE_SECRET": key})
+    unknown = [(r.levelno, r.getMessage()) for r in caplog.records
+               if "event=extension_unknown_variable" in r.getMessage()]
+    assert len(unknown) == 1 and unknown[0][0] == logging.WARNING and f"variable={var} " in unknown[0][1]
+    assert set(ext.config.signers) == {"EDGE"}  # the known variables still apply

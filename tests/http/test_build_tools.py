@@ -21,9 +21,38 @@ def test_stock_gradle_path_routes_share_the_namespace(client) -> None:
     assert client.get("/gradle/acme/app/k1/").data == b"project"  # Gradle's trailing slash base URL
 
 
-def test_gradle_basic_auth_header_passes_through(client) -> None:
-    r = client.put("/gradle/acme/_/k9", data=b"x", headers={"Authorization": "Basic dXNlcjpwYXNz"})
-    assert r.status_code == 201
+# A hook for stock Gradle: Basic credentials per project, checked against the path's
+# tenant and namespace (base64 of "ci:secret" and "other:secret").
+GRADLE_BASIC = """
+local USERS = { ["Basic Y2k6c2VjcmV0"] = "app", ["Basic b3RoZXI6c2VjcmV0"] = "other" }
+
+function authenticate(ctx)
+  local project = USERS[ctx.headers.authorization or ""]
+  if project == nil then return { deny = { status = 401, message = "Bad credentials" } } end
+  return { principal = { id = project, kind = "basic", attributes = {} } }
+end
+
+function authorize(ctx, principal)
+  return { allow = ctx.tenant_id == "acme" and ctx.namespace_id == principal.id
+                   and ctx.artifact_key == "k9" and ctx.producer == "gradle" }
+end
+"""
+
+
+def test_stock_gradle_basic_credentials_reach_the_hook(hooked_app) -> None:
+    client = hooked_app(GRADLE_BASIC).test_client()
+    ci = {"Authorization": "Basic Y2k6c2VjcmV0"}
+    other = {"Authorization": "Basic b3RoZXI6c2VjcmV0"}
+    r = client.put("/gradle/acme/app/k9", data=b"x")
+    assert r.status_code == 401 and r.json == {"message": "Bad credentials"}
+    r = client.put("/gradle/acme/app/k9", data=b"x", headers={"Authorization": "Basic Y2k6d3Jvbmc="})
+    assert r.status_code == 401 and r.json == {"message": "Bad credentials"}
+    r = client.put("/gradle/acme/app/k9", data=b"x", headers=other)
+    assert r.status_code == 403 and r.json == {"message": "Forbidden"}
+    assert client.put("/gradle/acme/app/k9", data=b"x", headers=ci).status_code == 201
+    assert client.get("/gradle/acme/app/k9/", headers=ci).data == b"x"
+    assert client.get("/gradle/acme/app/k9/", headers=other).status_code == 403
+    assert client.get("/gradle/other/app/k9/", headers=ci).status_code == 403
 
 
 def test_nx_put_get_and_namespaces(client) -> None:

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import Settings
-
 REPO = Path(__file__).resolve().parents[2]
 RO = {"Authorization": "Bearer ro-token"}
 RW = {"Authorization": "Bearer rw-token"}
@@ -18,8 +16,8 @@ WRITE_ROUTES = [
     ("POST", "/api/cache/cas/blob1?tenant_id=t", b"x"),
     ("PUT", "/api/cache/keyvalue?tenant_id=t", b'{"cas_id":"c","entries":[]}'),
     ("POST", "/api/cache/module/start?tenant_id=t&hash=h&name=n", b""),
-    ("POST", "/api/cache/module/part?upload_id=u&part_number=1", b"p"),
-    ("POST", "/api/cache/module/complete?upload_id=u", b'{"parts":[1]}'),
+    ("POST", "/api/cache/module/part?tenant_id=t&upload_id=u&part_number=1", b"p"),
+    ("POST", "/api/cache/module/complete?tenant_id=t&upload_id=u", b'{"parts":[1]}'),
     ("PUT", "/api/cache/gradle/k?tenant_id=t", b"g"),
     ("PUT", "/gradle/t/_/k", b"g"),
     ("PUT", "/v1/cache/h", b"n"),
@@ -39,22 +37,12 @@ READ_ROUTES = [
 ]
 
 
-def hooked_app(tmp_path: Path, script: Path, **env: str):  # type: ignore[no-untyped-def]
-    from app.http import create_app
-
-    kura_env = {"KURA_EXTENSION_SCRIPT_PATH": str(script), **env}
-    settings = Settings(data_dir=str(tmp_path / "data"), extension_script_path=str(script),
-                        kura_env=kura_env)
-    return create_app(settings)
-
-
 @pytest.fixture
-def token_client(tmp_path: Path):  # type: ignore[no-untyped-def]
-    app = hooked_app(tmp_path, REPO / "examples/hooks/static_tokens.lua",
+def token_client(hooked_app):  # type: ignore[no-untyped-def]
+    app = hooked_app(REPO / "examples/hooks/static_tokens.lua",
                      KURA_EXTENSION_STATIC_READ_TOKENS="ro-token",
                      KURA_EXTENSION_STATIC_WRITE_TOKENS="rw-token")
-    yield app.test_client()
-    app.extensions["kura"].store.close()
+    return app.test_client()
 
 
 @pytest.mark.parametrize("method,url,body", WRITE_ROUTES)
@@ -71,11 +59,42 @@ def test_nothing_was_written_by_the_read_only_token(token_client) -> None:
         assert token_client.open(url, method=method, headers=RW).status_code == 404
 
 
+# What each read route answers once the write routes above have run with the RW token.
+READ_ANSWERS = {
+    "/api/cache/cas/blob1?tenant_id=t": (200, b"x"),
+    "/api/cache/keyvalue/c?tenant_id=t": (200, b'{"entries":[]}'),
+    "/api/cache/module/x?tenant_id=t&hash=h&name=n": (200, b"module"),
+    "/api/cache/gradle/k?tenant_id=t": (200, b"g"),
+    "/gradle/t/_/k": (200, b"g"),
+    "/v1/cache/h": (200, b"n"),
+    "/api/metro/cache/m": (200, b"m"),
+}
+
+
+def _write_everything(client) -> None:  # type: ignore[no-untyped-def]
+    for method, url, body, status in [
+        ("POST", "/api/cache/cas/blob1?tenant_id=t", b"x", 204),
+        ("PUT", "/api/cache/keyvalue?tenant_id=t", b'{"cas_id":"c","entries":[]}', 204),
+        ("PUT", "/gradle/t/_/k", b"g", 201),
+        ("PUT", "/v1/cache/h", b"n", 200),
+        ("PUT", "/api/metro/cache/m", b"m", 200),
+    ]:
+        assert client.open(url, method=method, data=body, headers=RW).status_code == status, url
+    upload_id = client.post("/api/cache/module/start?tenant_id=t&hash=h&name=n", headers=RW).json["upload_id"]
+    assert client.post(f"/api/cache/module/part?tenant_id=t&upload_id={upload_id}&part_number=1",
+                       data=b"module", headers=RW).status_code == 204
+    assert client.post(f"/api/cache/module/complete?tenant_id=t&upload_id={upload_id}",
+                       json={"parts": [1]}, headers=RW).status_code == 204
+
+
 @pytest.mark.parametrize("method,url", READ_ROUTES)
 def test_read_only_token_can_read(token_client, method, url) -> None:
-    assert token_client.put("/api/cache/gradle/k?tenant_id=t", data=b"g", headers=RW).status_code == 201
+    _write_everything(token_client)
     r = token_client.open(url, method=method, headers=RO)
-    assert r.status_code in (200, 204, 404), r.data
+    if method == "HEAD":
+        assert r.status_code == 204 and r.data == b""
+    else:
+        assert (r.status_code, r.data) == READ_ANSWERS[url]
 
 
 def test_read_write_token_round_trip_and_missing_token(token_client) -> None:
@@ -114,11 +133,9 @@ end
 """
 
 
-def test_stock_gradle_basic_credentials_and_signed_headers(tmp_path: Path) -> None:
-    script = tmp_path / "basic.lua"
-    script.write_text(BASIC_AND_SIGNING)
+def test_stock_gradle_basic_credentials_and_signed_headers(hooked_app) -> None:
     secret = b"edge-secret"
-    app = hooked_app(tmp_path, script, KURA_EXTENSION_SIGNER_EDGE_SECRET=base64.b64encode(secret).decode())
+    app = hooked_app(BASIC_AND_SIGNING, KURA_EXTENSION_SIGNER_EDGE_SECRET=base64.b64encode(secret).decode())
     client = app.test_client()
     basic = {"Authorization": "Basic dXNlcjpzZWNyZXQ="}
     r = client.put("/gradle/default/_/cache-key", data=b"out", headers=basic)
@@ -132,4 +149,3 @@ def test_stock_gradle_basic_credentials_and_signed_headers(tmp_path: Path) -> No
     # Tenant routing: another tenant's path is refused by authorize.
     r = client.get("/gradle/other-tenant/_/cache-key", headers=basic)
     assert r.status_code == 403 and r.json == {"message": "Forbidden"}
-    app.extensions["kura"].store.close()

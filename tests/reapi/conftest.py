@@ -34,18 +34,29 @@ def reapi_settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def reapi(reapi_settings: Settings) -> Iterator[RunningReapi]:
-    node_state = NodeState(state_path(reapi_settings.data_dir))
-    node_state.claim_slot(KIND_REAPI)
-    store = ArtifactStore(reapi_settings, node_state=node_state)
-    server = build_server(reapi_settings, store, node_state, port=0)
-    client = Reapi.connect(server.port)
-    try:
-        yield RunningReapi(reapi_settings, store, node_state, server, client)
-    finally:
-        client.close()
-        server.stop(0)
-        node_state.close()
+def start_reapi() -> Iterator[Callable[[Settings], RunningReapi]]:
+    """Start REAPI servers as production builds them (``build_server``); all stop at teardown."""
+    started: list[RunningReapi] = []
+
+    def start(settings: Settings) -> RunningReapi:
+        node_state = NodeState(state_path(settings.data_dir))
+        node_state.claim_slot(KIND_REAPI)
+        store = ArtifactStore(settings, node_state=node_state)
+        server = build_server(settings, store, node_state, port=0)
+        running = RunningReapi(settings, store, node_state, server, Reapi.connect(server.port))
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.client.close()
+        running.server.stop(0)
+        running.node_state.close()
+
+
+@pytest.fixture
+def reapi(reapi_settings: Settings, start_reapi: Callable[[Settings], RunningReapi]) -> RunningReapi:
+    return start_reapi(reapi_settings)
 
 
 @pytest.fixture

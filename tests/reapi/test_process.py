@@ -65,8 +65,13 @@ def test_sigterm_finishes_inflight_write_then_exits_0(spawn) -> None:  # type: i
     while "event=reapi_draining" not in proc.log_path.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
     # draining: new calls are refused ...
-    with pytest.raises(grpc.RpcError):
-        Reapi.connect(proc.port).missing([digest], instance="")
+    refused = Reapi.connect(proc.port)
+    with pytest.raises(grpc.RpcError) as info:
+        refused.missing([digest], instance="")
+    # Closed, or its failed connection (grpcio shares it across channels to the same
+    # address) makes the restarted server's first client below fail too.
+    refused.close()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     # ... while the in-flight write completes
     release.set()
     assert future.result().committed_size == len(data)
