@@ -47,8 +47,10 @@ PAGE_LIMIT = 1000
 FETCHERS = 16
 LISTERS = 4
 FULL_WALK_FRACTION = 0.25
-FETCH_ITEMS = 256
-FETCH_BYTES = 8 * 1024 * 1024
+# One fetch: up to this many artifacts or bytes (a larger body goes alone). Big enough that
+# a batch of large bodies becomes a segment of its own without a second copy.
+FETCH_ITEMS = 1024
+FETCH_BYTES = 32 * 1024 * 1024
 SCHEDULE_S = 0.25
 PROGRESS_LOG_S = 30.0
 # Writers re-read the member list at most every RECHECK_S: wait a little longer than that
@@ -178,6 +180,7 @@ class Bootstrapper:
             metrics.BOOTSTRAP_RUNS.labels(result).inc()
             metrics.BOOTSTRAP_DURATION.observe(elapsed)
             peer.inflight = False
+            progress.finished_at = time.monotonic()
             self._passes.pop(peer.node_url, None)
             if result == "ok":
                 peer.failures = 0
@@ -206,6 +209,7 @@ class Bootstrapper:
         progress.phase = "waiting"
         against = self._wait_for_listing(peer)
         progress.phase = "tombstones"
+        progress.transfer_started_at = time.monotonic()
         self._tombstones(url, progress)
         progress.phase = "digest"
         remote = self.client.digest(url, PREFIX_LEN)
@@ -367,19 +371,3 @@ def _buckets(answer: dict[str, Any]) -> dict[str, dict[str, Any]]:
             raise PassFailed("malformed digest bucket")
         buckets[row["prefix"]] = {"count": row.get("count"), "hash": row.get("hash")}
     return buckets
-
-
-def _fetch_batches(wanted: list[tuple[str, ReplicatedArtifact]]) -> list[list[tuple[str, ReplicatedArtifact]]]:
-    batches: list[list[tuple[str, ReplicatedArtifact]]] = []
-    current: list[tuple[str, ReplicatedArtifact]] = []
-    current_bytes = 0
-    for pair in wanted:
-        size = pair[1].size
-        if current and (len(current) >= FETCH_ITEMS or current_bytes + size > FETCH_BYTES):
-            batches.append(current)
-            current, current_bytes = [], 0
-        current.append(pair)
-        current_bytes += size
-    if current:
-        batches.append(current)
-    return batches

@@ -46,6 +46,8 @@ class BootstrapProgress:
     artifacts_failed: int = 0
     bytes: int = 0
     started_at: float = 0.0
+    transfer_started_at: float = 0.0  # when the peer listed us and the transfer began
+    finished_at: float = 0.0
     last_progress_at: float = 0.0
     last_error: str = ""
 
@@ -54,10 +56,13 @@ class BootstrapProgress:
 
     def to_json(self, peer: str, now: float) -> dict[str, Any]:
         doc = asdict(self)
-        doc.pop("started_at")
-        doc.pop("last_progress_at")
+        for internal in ("started_at", "transfer_started_at", "finished_at", "last_progress_at"):
+            doc.pop(internal)
+        end = self.finished_at or now
         doc["peer"] = peer
-        doc["elapsed_ms"] = int((now - self.started_at) * 1000) if self.started_at else 0
+        doc["elapsed_ms"] = int((end - self.started_at) * 1000) if self.started_at else 0
+        doc["transfer_ms"] = (int((end - self.transfer_started_at) * 1000)
+                              if self.transfer_started_at else 0)
         return doc
 
 

@@ -1,0 +1,232 @@
+"""The mesh benchmark: ``.venv/bin/python -m bench.mesh_bench [--quick] [--out FILE]``.
+
+Three figures (issue 9), each against a reference measured in the same run:
+
+1. Replication lag: three nodes; 2,000 × 4 KiB written round-robin through all of them
+   (8 concurrent clients); time from the last acknowledged write until every node's
+   outbox is empty, i.e. every peer acknowledged (durably applied) every write.
+   Afterwards every key is read back from every node (not timed) and mismatches counted.
+2. Bootstrap throughput: a fresh node pulls 1 GiB in 10,000 artifacts (plus the 1 GiB
+   reference artifact) from a peer, durably; reference: one HTTP GET of that 1 GiB
+   artifact from the same peer (sendfile, the bytes dropped by the client). Figure:
+   bootstrap MiB/s (bytes moved ÷ time from the start of the transfer to the end of the
+   pass, i.e. without start-up and the wait for the peer to list the new node) ÷
+   reference MiB/s.
+3. Public 4 KiB GET latency (wrk, c=8) on the peer while it serves that bootstrap,
+   against the same with nothing else running.
+
+Seeding writes straight into the peer's data directory before it starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from bench import wrk_load
+from bench.bulk_client import BulkSpec, run_bulk
+from bench.servers import KuraNode, machine_description, wait_http_ok
+
+GIB = 1024 ** 3
+TENANT = "default"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _gradle(key: str) -> str:
+    return f"/api/cache/gradle/{key}?tenant_id={TENANT}"
+
+
+def _mesh(workdir: Path, names: list[str], extra: dict[str, str] | None = None) -> list[KuraNode]:
+    for name in names:
+        (workdir / name).mkdir(parents=True, exist_ok=True)
+    nodes = [KuraNode(workdir / name, data_dir=workdir / name / "data",
+                      extra_env={"KURA_HTTP_WORKERS": "1", **(extra or {})}) for name in names]
+    for node in nodes:
+        node.extra_env["KURA_PEERS"] = ",".join(f"http://127.0.0.1:{n.internal_port}"
+                                                for n in nodes if n is not node)
+    return nodes
+
+
+def _wait_ready(nodes: list[KuraNode], timeout_s: float = 180.0) -> None:
+    for node in nodes:
+        if wait_http_ok(f"{node.base_url}/ready", timeout_s, node.alive) is None:
+            raise RuntimeError(f"{node.base_url} not ready:\n{node.log_tail()}")
+
+
+def _outbox(node: KuraNode, session: requests.Session) -> int:
+    return session.get(f"{node.base_url}/status/rollout", timeout=10).json()["outbox_messages"]
+
+
+def replication_lag(workdir: Path, writes: int, reps: int) -> dict[str, Any]:
+    nodes = _mesh(workdir, ["a", "b", "c"])
+    for node in nodes:
+        node.start()
+    try:
+        _wait_ready(nodes)
+        body = os.urandom(4096)
+        runs = []
+        for rep in range(reps):
+            keys = [f"lag{rep}-{i:05d}" for i in range(writes)]
+            local = threading.local()
+
+            def put(i: int) -> float:
+                session = getattr(local, "session", None)
+                if session is None:
+                    session = local.session = requests.Session()
+                node = nodes[i % len(nodes)]
+                r = session.put(node.base_url + _gradle(keys[i]), data=body, timeout=60)
+                if r.status_code != 201:
+                    raise RuntimeError(f"write {i}: {r.status_code} {r.text[:200]}")
+                return time.monotonic()
+
+            started = time.monotonic()
+            with ThreadPoolExecutor(8) as pool:
+                acks = list(pool.map(put, range(writes)))
+            last_ack = max(acks)
+            session = requests.Session()
+            while any(_outbox(n, session) for n in nodes):
+                time.sleep(0.005)
+            done = time.monotonic()
+            mismatches = 0
+            for node in nodes:
+                for key in keys:
+                    if session.get(node.base_url + _gradle(key), timeout=10).content != body:
+                        mismatches += 1
+            run = {"write_s": last_ack - started, "writes_per_s": writes / (last_ack - started),
+                   "lag_s": done - last_ack, "mismatches": mismatches}
+            _log(f"mesh: replication rep {rep}: {json.dumps(run)}")
+            runs.append(run)
+        return {"writes": writes, "body_bytes": len(body), "runs": runs,
+                "lag_s_median": statistics.median(r["lag_s"] for r in runs),
+                "mismatches": sum(r["mismatches"] for r in runs)}
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def _seed(data_dir: Path, node_url: str, count: int, total_bytes: int) -> int:
+    """``count`` random artifacts of ``total_bytes`` in all, plus one artifact of
+    ``total_bytes`` (the reference GET) and a 4 KiB one (the latency probe)."""
+    from app.settings import Settings
+    from app.storage.store import ArtifactStore
+
+    store = ArtifactStore(Settings(data_dir=str(data_dir), node_url=node_url))
+    size = total_bytes // count
+    batch = max(1, (64 * 1024 * 1024) // size)
+    chunk = os.urandom(size + batch)
+    for start in range(0, count, batch):
+        n = min(batch, count - start)
+        store.put_many("gradle", "", [(f"seed-{start + i:06d}", chunk[i:i + size]) for i in range(n)])
+    with store.stage(hashing=False) as staged:
+        block = os.urandom(16 * 1024 * 1024)
+        while staged.size < total_bytes:
+            staged.write(block[:min(len(block), total_bytes - staged.size)])
+        staged.finish()
+        store.put_staged("gradle", "", "reference-blob", staged)
+    store.put_bytes("gradle", "", "hot-4k", os.urandom(4096), inline=False)
+    store.close()
+    return size
+
+
+def bootstrap_and_latency(workdir: Path, count: int, total_bytes: int, wrk_s: float) -> dict[str, Any]:
+    source, fresh = _mesh(workdir, ["source", "fresh"])
+    _log(f"mesh: seeding {count} artifacts, {total_bytes / GIB:.2f} GiB")
+    started = time.monotonic()
+    size = _seed(source.data_dir, f"http://127.0.0.1:{source.internal_port}", count, total_bytes)
+    _log(f"mesh: seeded in {time.monotonic() - started:.1f} s")
+    source.start()
+    result: dict[str, Any] = {"artifacts": count, "artifact_bytes": size, "total_bytes": count * size}
+    try:
+        # Reference: one GET of the same number of bytes from the same node.
+        spec = BulkSpec(host="127.0.0.1", port=source.http_port, method="GET",
+                        path=_gradle("reference-blob"), concurrency=1, duration_s=60,
+                        max_requests_per_connection=1)
+        gets = [run_bulk(spec) for _ in range(2)]
+        result["reference_get_s"] = min(g.wall_s for g in gets)
+        hot = f"{source.base_url}{_gradle('hot-4k')}"
+        idle = wrk_load.run_wrk(hot, 8, wrk_s) if wrk_load.available() else None
+        fresh.start()
+        busy_holder: dict[str, Any] = {}
+
+        def load_while_bootstrapping() -> None:
+            # Starts when the pass moves bytes (after the fresh node's start-up and digest).
+            deadline = time.monotonic() + 120
+            session = requests.Session()
+            while time.monotonic() < deadline:
+                try:
+                    doc = session.get(f"{fresh.base_url}/ready", timeout=5).json()
+                except (requests.RequestException, ValueError):
+                    time.sleep(0.1)
+                    continue
+                progress = doc.get("bootstrap_progress") or [{}]
+                if progress[0].get("bytes", 0) > 0 or doc.get("ready"):
+                    break
+                time.sleep(0.05)
+            if wrk_load.available():
+                busy_holder["wrk"] = wrk_load.run_wrk(hot, 8, wrk_s)
+
+        loader = threading.Thread(target=load_while_bootstrapping)
+        loader.start()
+        _wait_ready([fresh], timeout_s=900)
+        loader.join()
+        doc = requests.get(f"{fresh.base_url}/ready", timeout=10).json()
+        progress = doc["bootstrap_progress"][0]
+        result["bootstrap_pass_s"] = progress["elapsed_ms"] / 1000
+        result["bootstrap_transfer_s"] = progress["transfer_ms"] / 1000
+        result["bootstrap_bytes"] = progress["bytes"]
+        result["bootstrap_applied"] = progress["artifacts_applied"]
+        result["bootstrap_mib_per_s"] = progress["bytes"] / (1024 ** 2) / result["bootstrap_transfer_s"]
+        result["reference_mib_per_s"] = total_bytes / (1024 ** 2) / result["reference_get_s"]
+        result["bootstrap_vs_reference"] = result["bootstrap_mib_per_s"] / result["reference_mib_per_s"]
+        busy = busy_holder.get("wrk")
+        if idle is not None and busy is not None:
+            result["get_4k_idle"] = {"p50_ms": idle.p50_s * 1e3, "p99_ms": idle.p99_s * 1e3,
+                                     "requests_per_s": idle.requests_per_s}
+            result["get_4k_during_bootstrap"] = {"p50_ms": busy.p50_s * 1e3, "p99_ms": busy.p99_s * 1e3,
+                                                 "requests_per_s": busy.requests_per_s}
+            result["p99_ratio"] = busy.p99_s / idle.p99_s if idle.p99_s else None
+        return result
+    finally:
+        fresh.stop()
+        source.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.mesh_bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="256 MiB bootstrap, 1 replication rep")
+    p.add_argument("--out", default="bench/results/mesh-latest.json")
+    args = p.parse_args(argv)
+    total = (256 * 1024 ** 2) if args.quick else GIB
+    count = 2_500 if args.quick else 10_000
+    with tempfile.TemporaryDirectory(prefix="kura-bench-mesh-") as tmp:
+        work = Path(tmp)
+        doc = {"machine": machine_description(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        doc["replication"] = replication_lag(work / "lag", 2000, 1 if args.quick else 3)
+        doc["bootstrap"] = bootstrap_and_latency(work / "boot", count, total, 3.0 if args.quick else 5.0)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    print(json.dumps({"replication_lag_s": doc["replication"]["lag_s_median"],
+                      "mismatches": doc["replication"]["mismatches"],
+                      **{k: doc["bootstrap"].get(k) for k in (
+                          "reference_get_s", "reference_mib_per_s", "bootstrap_pass_s",
+                          "bootstrap_transfer_s", "bootstrap_mib_per_s",
+                          "bootstrap_vs_reference", "get_4k_idle", "get_4k_during_bootstrap",
+                          "p99_ratio")}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
