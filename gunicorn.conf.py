@@ -145,12 +145,15 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    """Master, last: stop the children (SIGKILL past a short deadline), release the data directory."""
+    """Master, last: stop the children (SIGKILL past a short deadline), wait for workers that
+    gunicorn had to SIGKILL, release the data directory."""
     from app.drain import STOP_GRACE_S
+    from app.supervisor import reap
 
     deadline = time.monotonic() + STOP_GRACE_S
     for child in _children:
         child.terminate()
+    reap(server.WORKERS, deadline)
     for child in _children:
         child.stop(deadline)
     if _lock is not None:

@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from typing import Iterable
 
 from app.stop_signals import held
 
 log = logging.getLogger("kura.supervisor")
 PR_SET_PDEATHSIG = 1
+# A child that dies is restarted after 0.5 s, then 1, 2, ... 10 s while it keeps dying
+# young; one that ran for STABLE_RUN_S starts over at the minimum.
+RESTART_BACKOFF_MIN_S = 0.5
+RESTART_BACKOFF_MAX_S = 10.0
+STABLE_RUN_S = 30.0
 
 
 def _die_with_parent() -> None:
@@ -69,7 +76,7 @@ class ChildProcess:
         return True
 
     def _run(self) -> None:
-        backoff = 0.5
+        backoff = RESTART_BACKOFF_MIN_S
         try:
             while True:
                 started_at = time.monotonic()
@@ -82,8 +89,10 @@ class ChildProcess:
                     return
                 self.restarts += 1
                 log.warning("event=child_exited name=%s code=%s restarts=%d", self.name, code, self.restarts)
-                backoff = 0.5 if time.monotonic() - started_at > 30 else min(backoff * 2, 10.0)
+                if time.monotonic() - started_at > STABLE_RUN_S:
+                    backoff = RESTART_BACKOFF_MIN_S
                 self._stopping.wait(backoff)
+                backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
         finally:
             self._started.set()
 
@@ -111,6 +120,23 @@ class ChildProcess:
             log.warning("event=child_killed name=%s pid=%d reason=stop_deadline", self.name, proc.pid)
             proc.kill()
             thread.join(5)
+
+
+def reap(pids: Iterable[int], deadline: float) -> None:
+    """Wait until ``deadline`` (monotonic) for child processes already sent SIGKILL to be
+    gone. gunicorn reaps its workers once, right after SIGKILLing them, and an overdue
+    worker still dying then would outlive the master."""
+    pending = set(pids)
+    while pending and time.monotonic() < deadline:
+        for pid in list(pending):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                pending.discard(pid)
+        if pending:
+            time.sleep(0.01)
 
 
 def python_module(module: str) -> list[str]:
