@@ -29,7 +29,7 @@ T = "tenant_id=default"
 
 class HeldRequests:
     """One HTTP upload and one gRPC ByteStream write whose bodies stop half-way until
-    :meth:`release`; :attr:`outcomes` then holds (HTTP status, committed size)."""
+    :meth:`release`; :meth:`outcomes` then gives (HTTP status, committed size)."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -50,7 +50,7 @@ class HeldRequests:
         deadline = time.monotonic() + 15
         while True:
             status = requests.get(self.node.url + "/status/rollout", timeout=5).json()
-            if status["http_inflight_requests"] >= 1 and status["grpc_inflight_requests"] >= 1:
+            if status["http_inflight_requests"] == 1 and status["grpc_inflight_requests"] == 1:
                 return self
             assert time.monotonic() < deadline, status
             time.sleep(0.05)
@@ -58,8 +58,8 @@ class HeldRequests:
     def release(self) -> None:
         self._release.set()
 
-    @property
     def outcomes(self) -> tuple[int | str | None, int | str | None]:
+        """Wait for both calls to end; what each answered (or the error it got)."""
         for thread in self._threads:
             thread.join(30)
         return self._http, self._grpc
@@ -114,7 +114,9 @@ def held_requests() -> Iterator[Callable[[Node], HeldRequests]]:
                                        (signal.SIGINT, True)],
                          ids=["master-SIGINT", "group-SIGTERM", "group-SIGINT"])
 def test_stop_signal_lets_inflight_requests_finish(node_factory, held_requests, sig, group) -> None:
-    """(SIGTERM to the master alone: tests/e2e/test_node.py::test_sigterm_drains_inflight_then_exits.)"""
+    """An upload and a gRPC write in flight finish with success; the master signalled alone
+    also answers /ready 503 meanwhile. (SIGTERM to the master alone is
+    tests/e2e/test_node.py::test_sigterm_drains_inflight_then_exits.)"""
     node = node_factory("held", KURA_DRAIN_COMPLETION_TIMEOUT_MS="4000")
     held = held_requests(node)
     before = node.known_pids()
@@ -131,7 +133,7 @@ def test_stop_signal_lets_inflight_requests_finish(node_factory, held_requests, 
     time.sleep(max(0.0, signalled_at + 1.2 - time.monotonic()))
     held.release()
     node.expect_clean_stop(signalled_at, before)
-    assert held.outcomes == held.expected, node.log()
+    assert held.outcomes() == held.expected, node.log()
 
 
 def sigterm_to_master_then_sigint_to_all(node: Node) -> None:
