@@ -196,3 +196,18 @@ def test_child_stopped_alone_is_restarted_until_the_node_stops(node_factory) -> 
     signalled_at = time.monotonic()
     node.signal(signal.SIGTERM)
     node.expect_clean_stop(signalled_at, before)
+
+
+def test_sigusr1_drains_then_sigterm_stops(node_factory) -> None:
+    """The Kubernetes preStop pattern: SIGUSR1 drains and the node stays up; the SIGTERM
+    that follows stops it at once, the drain being over."""
+    node = node_factory("prestop", KURA_DRAIN_COMPLETION_TIMEOUT_MS="2000", KURA_HTTP_WORKERS="1")
+    node.signal(signal.SIGUSR1)
+    node.wait_for(node.url + "/ready", status=503)
+    assert requests.get(node.url + "/ready", timeout=5).json()["state"] == "draining"
+    time.sleep(1.0)  # past the drain of an idle node
+    assert node.process.poll() is None
+    before = node.known_pids()
+    signalled_at = time.monotonic()
+    node.signal(signal.SIGTERM)
+    node.expect_clean_stop(signalled_at, before)
