@@ -7,9 +7,8 @@ bootstrap from peers plug in here.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 
+from app import stop_signals
 from app.node_state import KIND_REPLICATOR, NodeState, state_path
 from app.replication.membership import write_members
 from app.settings import Settings
@@ -23,6 +22,7 @@ def main() -> None:
     from gevent import monkey
 
     monkey.patch_all()
+    stop = stop_signals.listen()
     from gevent.pywsgi import WSGIServer
 
     from app.replication.internal_api import create_internal_app
@@ -53,9 +53,6 @@ def main() -> None:
                     "peers yet; the node stays joining", len(settings.replication_peers))
     log.info("event=replicator_started internal_port=%d", settings.internal_port)
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
     server.stop(timeout=5)
     housekeeper.stop()
