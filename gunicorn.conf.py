@@ -12,8 +12,10 @@ Processes:
 - ``python -m app.reapi``: the REAPI gRPC server (threads, never gevent);
 - ``python -m app.replication``: replicator, internal API, housekeeping.
 """
+import math
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -37,7 +39,9 @@ worker_class = "app.http_worker.KuraGeventWorker"
 worker_connections = _settings.worker_connections
 keepalive = 75
 timeout = 120
-graceful_timeout = max(30, _settings.drain_completion_timeout_ms // 1000)
+# A worker told to stop (by the master after its drain, or by a signal sent to the whole
+# process group) lets its in-flight requests finish for as long as a drain may take.
+graceful_timeout = max(1, math.ceil(_settings.drain_completion_timeout_ms / 1000))
 limit_request_line = 8190
 # sendfile: leave unset; gunicorn treats any value of this setting as "disabled".
 proc_name = "kura"
@@ -89,29 +93,45 @@ def on_starting(server):
 
 
 def when_ready(server):
-    """Master, once the HTTP sockets are bound: start children, take over SIGTERM/SIGUSR1."""
+    """Master, once the HTTP sockets are bound: start children, take over the stop signals."""
     global _drain
-    from app.drain import DrainController
+    from app.drain import STOP_GRACE_S, DrainController
+    from app.http_worker import spawning_with_stop_signals_held
     from app.supervisor import ChildProcess, python_module
 
-    stop_timeout = max(5.0, _settings.drain_completion_timeout_ms / 1000)
     for name, module in (("reapi", "app.reapi"), ("replicator", "app.replication")):
-        child = ChildProcess(name, python_module(module), stop_timeout_s=stop_timeout)
+        child = ChildProcess(name, python_module(module))
         child.start()
         _children.append(child)
 
-    _drain = DrainController(_node_state, _settings.drain_completion_timeout_ms)
     graceful_stop = server.handle_term
 
-    def handle_term():
-        if _drain.finished:
-            graceful_stop()
-        else:
-            _drain.begin(exit_after=True)
+    def stop_master():
+        # The drain is over: what a worker still serves is overdue, so the master's own
+        # wait for its workers is short (workers keep their forked copy of the setting).
+        server.cfg.set("graceful_timeout", STOP_GRACE_S)
+        os.kill(os.getpid(), signal.SIGTERM)
 
-    server.handle_term = handle_term
+    _drain = DrainController(_node_state, _settings.drain_completion_timeout_ms,
+                             children=_children, stop_master=stop_master)
+
+    def on_stop_signal(name):
+        def handle():
+            if _drain.stop_sent:
+                graceful_stop()  # raises StopIteration: gunicorn's graceful stop
+            else:
+                _drain.begin(exit_after=True, reason=name)
+        return handle
+
+    # SIGINT drains like SIGTERM (gunicorn would stop at once, cutting requests off).
+    server.handle_term = on_stop_signal("SIGTERM")
+    server.handle_int = on_stop_signal("SIGINT")
     # SIGUSR1 drains without exiting (preStop); gunicorn's log reopening moves to SIGHUP's reload.
     server.handle_usr1 = lambda: _drain.begin(exit_after=False)
+    # Once the node stops, a worker that exits (the whole group was signalled) stays down.
+    manage_workers = server.manage_workers
+    server.manage_workers = lambda: None if _drain.exiting else manage_workers()
+    server.spawn_worker = spawning_with_stop_signals_held(server.spawn_worker)
     server.log.info("event=node_ready http_port=%s grpc_port=%s data_dir=%s",
                     _settings.port, _settings.grpc_port, os.path.abspath(_settings.data_dir))
 
@@ -126,8 +146,16 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    """Master, last: stop the children, release the data directory."""
-    for child in reversed(_children):
-        child.stop()
+    """Master, last: stop the children (SIGKILL past a short deadline), wait for workers that
+    gunicorn had to SIGKILL, release the data directory."""
+    from app.drain import STOP_GRACE_S
+    from app.supervisor import reap
+
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in _children:
+        child.terminate()
+    reap(server.WORKERS, deadline)
+    for child in _children:
+        child.stop(deadline)
     if _lock is not None:
         _lock.release()

@@ -13,12 +13,16 @@
 4. Clean stop. When the worker is told to exit, keep-alive connections that sit idle
    between requests are closed at once instead of holding the worker for the
    keep-alive timeout (clients such as ``requests`` keep chunked-upload connections).
+   SIGINT stops a worker gracefully like SIGTERM (gunicorn would exit mid-request;
+   SIGQUIT stays the quick stop). A worker starts with its stop signals held pending
+   until its own handlers are in place (:func:`spawning_with_stop_signals_held`).
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
+import signal
 from typing import Any, Callable, Iterable
 
 import gevent
@@ -27,6 +31,8 @@ from gevent.socket import wait_write
 from gunicorn import util as gunicorn_util
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers.ggevent import GeventWorker
+
+from app.stop_signals import STOP_SIGNALS, held, ignore, release
 
 # The master imports this module to load the worker class: nothing here may import
 # prometheus_client (multiprocess files) or the app before the fork.
@@ -110,6 +116,25 @@ class _IdleWait:
         return self._timeout.__exit__(typ, value, tb)
 
 
+# The signals that stop a worker (gunicorn's SIGQUIT too), held from fork to init_signals.
+WORKER_STOP_SIGNALS = (*STOP_SIGNALS, signal.SIGQUIT)
+
+
+def spawning_with_stop_signals_held(spawn_worker: Callable[[], Any]) -> Callable[[], Any]:
+    """Master: wrap ``Arbiter.spawn_worker`` so that each worker is forked with its stop
+    signals held. Between fork and ``init_signals`` a worker still runs the master's
+    handlers, which queue the signal for a master loop that never runs in the worker: a
+    SIGTERM landing there was lost, and the worker served on until the master's
+    graceful timeout ran out and it was SIGKILLed. Held, the signal waits for the
+    worker's own handler (:meth:`KuraGeventWorker.init_signals` releases it)."""
+
+    def spawn() -> Any:
+        with held(WORKER_STOP_SIGNALS):
+            return spawn_worker()
+
+    return spawn
+
+
 class KuraGeventWorker(GeventWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -119,8 +144,15 @@ class KuraGeventWorker(GeventWorker):
     def timeout_ctx(self) -> _IdleWait:
         return _IdleWait(self._idle, self.cfg.keepalive)
 
+    def init_signals(self) -> None:
+        super().init_signals()
+        signal.signal(signal.SIGINT, self.handle_exit)
+        signal.siginterrupt(signal.SIGINT, False)
+        release(WORKER_STOP_SIGNALS)
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
+        ignore(STOP_SIGNALS)  # already stopping; see app.stop_signals.StopRequest
         gevent.spawn(self._close_idle_connections)
 
     def _close_idle_connections(self) -> None:

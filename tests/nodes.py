@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,11 +12,42 @@ from pathlib import Path
 
 import requests
 
+from app.drain import STOP_GRACE_S
 from bench.proctree import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
+# The master's log line for every process it starts: gunicorn's workers, supervised children.
+STARTED = re.compile(r"Booting worker with pid: (\d+)|event=child_started name=\w+ pid=(\d+)")
 
 
+@dataclass(frozen=True)
+class Proc:
+    """One process as /proc shows it."""
+
+    pid: int
+    ppid: int
+    state: str
+    cmdline: str
+
+
+def session_processes(sid: int) -> list[Proc]:
+    """Every process whose session id is ``sid``, zombies included."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                raw = fh.read().decode(errors="replace")
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue  # exited while we looked
+        # After the command name's closing paren: state ppid pgrp session ...
+        state, ppid, _pgrp, session = raw[raw.rindex(")") + 2:].split()[:4]
+        if int(session) == sid:
+            found.append(Proc(int(name), int(ppid), state, cmdline))
+    return found
 
 
 @dataclass
@@ -57,17 +89,21 @@ class Node:
         return self
 
     def wait_ready(self, timeout: float = 30.0, path: str = "/ready") -> None:
+        self.wait_for(self.url + path, timeout=timeout)
+
+    def wait_for(self, url: str, status: int = 200, timeout: float = 30.0, poll_s: float = 0.1) -> None:
+        """Poll ``url`` (any of the node's ports) until it answers ``status``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + path, timeout=1).status_code == 200:
+                if requests.get(url, timeout=1).status_code == status:
                     return
             except requests.RequestException:
                 pass
-            time.sleep(0.1)
-        raise TimeoutError(f"node not ready after {timeout}s:\n{self.log()}")
+            time.sleep(poll_s)
+        raise TimeoutError(f"{url} did not answer {status} after {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
@@ -75,6 +111,57 @@ class Node:
     def signal(self, sig: int) -> None:
         assert self.process is not None
         self.process.send_signal(sig)
+
+    def signal_group(self, sig: int) -> None:
+        """Signal every process of the node at once (``kill -- -PGID``, like systemd)."""
+        assert self.process is not None
+        os.killpg(self.process.pid, sig)
+
+    def processes(self) -> list[Proc]:
+        """Every process of the node: its master started a session of its own."""
+        assert self.process is not None
+        return session_processes(self.process.pid)
+
+    def started_pids(self) -> set[int]:
+        """Every worker and child the master ever started, from its log."""
+        return {int(a or b) for a, b in STARTED.findall(self.log_path.read_text(errors="replace"))}
+
+    def known_pids(self) -> set[int]:
+        """Processes of the node that exist or ever existed (take it just before a signal)."""
+        return {p.pid for p in self.processes()} | self.started_pids()
+
+    @property
+    def stop_bound_s(self) -> float:
+        """How long a stop may take: the drain timeout, then STOP_GRACE_S for the workers and
+        again for the children, plus a second for process teardown."""
+        return int(self.env["KURA_DRAIN_COMPLETION_TIMEOUT_MS"]) / 1000 + 2 * STOP_GRACE_S + 1
+
+    def expect_clean_stop(self, signalled_at: float, before: set[int]) -> None:
+        """The master exits 0 within :attr:`stop_bound_s` of ``signalled_at`` (monotonic),
+        no process of the node is left and none was started that is not in ``before``
+        (:meth:`known_pids` just before the signal): nothing is restarted while stopping."""
+        assert self.process is not None
+        try:
+            code = self.process.wait(max(0.0, signalled_at + self.stop_bound_s - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"node still running {self.stop_bound_s:.1f}s after the signal:\n"
+                                 f"{self.log()}") from None
+        assert code == 0, self.log()
+        left = self.processes()
+        assert left == [], f"{left} outlived the master:\n{self.log()}"
+        assert self.started_pids() <= before, f"started while stopping:\n{self.log()}"
+
+    def children(self) -> dict[str, list[int]]:
+        """The master's live children by role: ``worker``, ``reapi``, ``replicator``."""
+        assert self.process is not None
+        roles: dict[str, list[int]] = {"worker": [], "reapi": [], "replicator": []}
+        for proc in self.processes():
+            if proc.ppid != self.process.pid or proc.state == "Z":
+                continue
+            role = ("reapi" if "-m app.reapi" in proc.cmdline
+                    else "replicator" if "-m app.replication" in proc.cmdline else "worker")
+            roles[role].append(proc.pid)
+        return roles
 
     def kill_all(self) -> None:
         """SIGKILL the whole node (master, workers and children) at once."""

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -135,6 +132,9 @@ def build_server(settings: Settings, store: ArtifactStore, node_state: NodeState
 
 def main(argv: list[str] | None = None) -> int:
     """Run the REAPI process until SIGTERM / SIGINT; returns the exit status."""
+    from app import stop_signals
+
+    stop = stop_signals.listen()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
@@ -154,15 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
         return 1
 
-    stop = threading.Event()
-    received: list[str] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        received.append(signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     log.info("event=reapi_listening port=%d host=%s pid=%d workers=%d data_dir=%s",
              running.port, settings.bind_host, os.getpid(), MAX_WORKERS, settings.data_dir)
 
@@ -171,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     grace_s = min(settings.drain_completion_timeout_ms / 1000.0, MAX_DRAIN_GRACE_S)
     log.info("event=reapi_draining signal=%s grace_s=%.1f inflight=%d",
-             received[0] if received else "-", grace_s, node_state.inflight(KIND_REAPI))
+             stop.signal_name, grace_s, node_state.inflight(KIND_REAPI))
     running.stop(grace_s)
     node_state.release_pid(os.getpid())
     log.info("event=reapi_stopped")

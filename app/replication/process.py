@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 
+from app import stop_signals
 from app.node_state import KIND_REPLICATOR, NodeState, state_path
 from app.settings import Settings
 
@@ -25,6 +24,7 @@ def main() -> None:
     from gevent import monkey
 
     monkey.patch_all()
+    stop = stop_signals.listen()
     import gevent
     from gevent.pywsgi import WSGIHandler, WSGIServer
 
@@ -106,9 +106,6 @@ def main() -> None:
              settings.internal_port, settings.resolved_node_url, len(settings.peers),
              settings.discovery_dns_name or "-")
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
     publisher.kill()
     membership.stop()

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from app.node_state import NodeState, state_path
+from app.storage.staging import RESERVE_STEP
 from tests.nodes import REPO, make_node
 
 T = "tenant_id=acme"
@@ -129,6 +131,8 @@ def test_invalid_configuration_fails_naming_the_variable(tmp_path) -> None:
 
 
 def test_sigkill_mid_upload_then_restart(node_factory) -> None:
+    """SIGKILL to every process while five uploads are half-way in: after a restart every
+    acknowledged upload is there byte for byte and none of the five is."""
     node = node_factory("crashy")
     acknowledged = {}
     for i in range(20):
@@ -136,26 +140,50 @@ def test_sigkill_mid_upload_then_restart(node_factory) -> None:
         assert requests.put(f"{node.url}/api/cache/gradle/ok{i}?{T}", data=data).status_code == 201
         acknowledged[f"ok{i}"] = data
 
-    def slow_body():
-        yield b"a" * 1_000_000
-        time.sleep(30)
-        yield b"b"
+    # Each body stops after one and a half staging steps. Before the SIGKILL all five are
+    # in the app (the node's in-flight count) and their bytes are arriving: the node
+    # reserves its tmp budget (in its shared state) a step at a time as a body is staged.
+    first_part = RESERVE_STEP + RESERVE_STEP // 2
+    in_flight = 5
+    release = threading.Event()
+    outcomes: dict[int, object] = {}
 
-    def slow_upload(i: int) -> None:
+    def held_body():
+        for offset in range(0, first_part, 64 * 1024):
+            yield b"p" * min(64 * 1024, first_part - offset)
+        release.wait(60)
+        yield b"never sent"
+
+    def held_upload(i: int) -> None:
         try:
-            requests.put(f"{node.url}/api/cache/gradle/partial{i}?{T}", data=slow_body(), timeout=20)
-        except requests.RequestException:
-            pass
+            outcomes[i] = requests.put(f"{node.url}/api/cache/gradle/partial{i}?{T}",
+                                       data=held_body(), timeout=60).status_code
+        except requests.RequestException as exc:
+            outcomes[i] = exc
 
-    threads = [threading.Thread(target=slow_upload, args=(i,), daemon=True) for i in range(5)]
+    threads = [threading.Thread(target=held_upload, args=(i,), daemon=True) for i in range(in_flight)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    node_state = NodeState(state_path(str(node.data_dir)))
+    deadline = time.monotonic() + 20
+    while True:
+        inflight = requests.get(node.url + "/status/rollout").json()["http_inflight_requests"]
+        staged = node_state.tmp_bytes()
+        if inflight == in_flight and staged >= in_flight * RESERVE_STEP:
+            break
+        assert time.monotonic() < deadline, (inflight, staged)
+        time.sleep(0.05)
+    node_state.close()
+
     node.kill_all()
+    release.set()  # the clients go on sending and find the node gone
+    for t in threads:
+        t.join(10)
+    assert all(isinstance(outcomes.get(i), requests.RequestException) for i in range(in_flight)), outcomes
     node.start()
     for key, data in acknowledged.items():
         assert requests.get(f"{node.url}/api/cache/gradle/{key}?{T}").content == data
-    for i in range(5):
+    for i in range(in_flight):
         assert requests.get(f"{node.url}/api/cache/gradle/partial{i}?{T}").status_code == 404
     assert os.listdir(node.data_dir / "tmp" / "staging") == []
 
@@ -179,6 +207,8 @@ def test_sigterm_drains_inflight_then_exits(node) -> None:
     while requests.get(node.url + "/status/rollout").json()["http_inflight_requests"] < 1:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    before = node.known_pids()
+    signalled_at = time.monotonic()
     node.signal(signal.SIGTERM)
     time.sleep(0.5)
     ready = requests.get(node.url + "/ready")
@@ -190,7 +220,7 @@ def test_sigterm_drains_inflight_then_exits(node) -> None:
     release.set()
     thread.join(30)
     assert results["status"] == 201
-    assert node.process.wait(30) == 0
+    node.expect_clean_stop(signalled_at, before)
 
 
 def test_broken_hook_script_fails_at_start_naming_the_variable(tmp_path) -> None:
