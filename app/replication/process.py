@@ -111,7 +111,7 @@ def main() -> None:
     membership.stop()
     bootstrapper.stop()
     drainer.stop()
-    server.stop(timeout=5)
+    server.stop(timeout=2)  # within the master's stop grace; a cut transfer is retried
     client.close()
     housekeeper.stop()
     store.close()
