@@ -3,7 +3,8 @@
 Each round resolves ``KURA_DISCOVERY_DNS_NAME`` (A and AAAA records, through dnspython
 so the resolver is a real one and can be pointed at a given server), turns every
 address into a peer URL with the scheme and port of ``KURA_NODE_URL`` (for ``https``
-the name itself, as certificates name hosts, not addresses), adds the static peers,
+the name itself, as certificates name hosts, not addresses; see ``resolution``), adds
+the static peers,
 and asks each for ``/_internal/status``. A peer is admitted when it answers with this
 node's tenant and a node URL that is not this node's. A known peer is dropped at once
 when no target leads to it any more (its address left DNS), and after
@@ -17,14 +18,11 @@ node's own address counts), or at once when there is nothing to discover.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-import dns.exception
-import dns.resolver
 import gevent
 from gevent.pool import Pool
 
@@ -32,26 +30,24 @@ from app import metrics
 from app.members import write_members
 from app.replication.peer_client import PeerClient, PeerError
 from app.replication.readiness import MeshState
+from app.replication.resolution import Resolver
 from app.settings import Settings
 
 log = logging.getLogger("kura.membership")
 
 PROBE_INTERVAL_S = 2.0
-DNS_LIFETIME_S = 2.0
 
 
 class Discovery:
     """Turns the configuration into the URLs probed each round."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, resolver: Resolver) -> None:
         self.static = tuple(p.rstrip("/") for p in settings.peers)
         self.dns_name = settings.discovery_dns_name
         node = urlsplit(settings.resolved_node_url)
         self.scheme = node.scheme or "http"
         self.port = node.port or (443 if self.scheme == "https" else 80)
-        self._resolver: dns.resolver.Resolver | None = None
-        if self.dns_name:
-            self._resolver = _resolver(settings.discovery_dns_server)
+        self.resolver = resolver
 
     def targets(self) -> list[str]:
         targets = set(self.static)
@@ -59,49 +55,19 @@ class Discovery:
             if self.scheme == "https":
                 targets.add(f"https://{self.dns_name}:{self.port}")
             else:
-                for address in self.resolve():
+                for address in self.resolver.addresses(self.dns_name):
                     host = f"[{address}]" if ":" in address else address
                     targets.add(f"{self.scheme}://{host}:{self.port}")
         return sorted(targets)
 
-    def resolve(self) -> list[str]:
-        """Addresses of the DNS name (A and AAAA); empty when it does not resolve."""
-        assert self._resolver is not None
-        addresses: list[str] = []
-        for rdtype in ("A", "AAAA"):
-            try:
-                answer = self._resolver.resolve(self.dns_name, rdtype, search=True,
-                                                lifetime=DNS_LIFETIME_S)
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers):
-                continue
-            except dns.exception.DNSException as exc:
-                log.warning("event=discovery_dns_failed name=%s type=%s error=%s", self.dns_name,
-                            rdtype, type(exc).__name__)
-                continue
-            addresses.extend(str(ipaddress.ip_address(r.address)) for r in answer)
-        return sorted(set(addresses))
-
-
-def _resolver(server: str) -> dns.resolver.Resolver:
-    """The system resolver (``/etc/resolv.conf``), or the ``host:port`` server given."""
-    if not server:
-        resolver = dns.resolver.Resolver()
-    else:
-        host, _, port = server.rpartition(":")
-        resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = [host.strip("[]")]
-        resolver.port = int(port)
-    resolver.cache = None  # members come and go: ask every round
-    return resolver
-
 
 class Membership:
-    def __init__(self, settings: Settings, client: PeerClient, mesh: MeshState, *,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, settings: Settings, client: PeerClient, mesh: MeshState, resolver: Resolver,
+                 *, on_change: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         self.client = client
         self.mesh = mesh
-        self.discovery = Discovery(settings)
+        self.discovery = Discovery(settings, resolver)
         self._on_change = on_change
         self._greenlet: gevent.Greenlet | None = None
         self._target_of: dict[str, str] = {}  # peer node URL -> the target that last reached it

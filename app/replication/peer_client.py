@@ -37,14 +37,49 @@ class PeerError(Exception):
         self.status = status
 
 
+class _ResolvingAdapter(HTTPAdapter):
+    """Connects to the address ``resolve(host)`` gives while the request keeps naming the
+    host (Host header, TLS server name)."""
+
+    def __init__(self, resolve: Callable[[str], str], **kwargs: Any) -> None:
+        self._resolve = resolve
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        resolve = self._resolve
+
+        def connection_class(base: type) -> type:
+            class Resolving(base):  # type: ignore[misc, valid-type]
+                def _new_conn(self) -> Any:
+                    name = self._dns_host
+                    self._dns_host = resolve(name)  # the connect step only reads it
+                    try:
+                        return super()._new_conn()
+                    finally:
+                        self._dns_host = name
+            return Resolving
+
+        def pool_class(base: type) -> type:
+            return type(f"Resolving{base.__name__}", (base,),
+                        {"ConnectionCls": connection_class(base.ConnectionCls)})
+
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": pool_class(urllib3.HTTPConnectionPool),
+            "https": pool_class(urllib3.HTTPSConnectionPool),
+        }
+
+
 class PeerClient:
     def __init__(self, *, connect_timeout_s: float, idle_timeout_s: float,
-                 pool_size: int = 32) -> None:
+                 pool_size: int = 32, resolve: Callable[[str], str] | None = None) -> None:
+        """``resolve``: host name → address for peer connections (default: the system's)."""
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self._session = requests.Session()
         self._session.trust_env = False  # never route peer traffic through an environment proxy
-        adapter = HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+        pool = {"pool_connections": 16, "pool_maxsize": pool_size, "max_retries": 0}
+        adapter = _ResolvingAdapter(resolve, **pool) if resolve else HTTPAdapter(**pool)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
 

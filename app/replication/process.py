@@ -34,6 +34,7 @@ def main() -> None:
     from app.replication.membership import Membership
     from app.replication.peer_client import PeerClient
     from app.replication.readiness import SETTLE_S, MeshState, publish
+    from app.replication.resolution import Resolver
     from app.storage.housekeeping import Housekeeper
     from app.storage.segments import cooperative_offload
     from app.storage.store import ArtifactStore
@@ -52,8 +53,10 @@ def main() -> None:
     # there is nothing to settle: a single node is ready after its first round.
     alone = not settings.peers and not settings.discovery_dns_name
     mesh = MeshState(settings.resolved_node_url, settle_s=0.0 if alone else SETTLE_S)
+    resolver = Resolver(settings.discovery_dns_server)
     client = PeerClient(connect_timeout_s=settings.peer_connect_timeout_ms / 1000,
-                        idle_timeout_s=settings.peer_idle_timeout_ms / 1000)
+                        idle_timeout_s=settings.peer_idle_timeout_ms / 1000,
+                        resolve=resolver.address if settings.discovery_dns_server else None)
     idle_timeout_s = settings.peer_idle_timeout_ms / 1000
 
     class IdleTimeoutHandler(WSGIHandler):
@@ -85,7 +88,7 @@ def main() -> None:
             publish(settings.data_dir, snapshot)
             published["key"] = key
 
-    membership = Membership(settings, client, mesh)
+    membership = Membership(settings, client, mesh, resolver)
     bootstrapper = Bootstrapper(settings, store, client, mesh, offload=offload)
     drainer = OutboxDrainer(store, client, lambda: tuple(mesh.peers),
                             lambda: mesh.initial_discovery_completed)

@@ -1,0 +1,117 @@
+"""The Helm chart's default values describe a mesh that becomes Ready.
+
+The chart is rendered with the real Helm engine (helm-python-sdk, no binary), and the
+StatefulSet's pods are then run for real: three nodes with exactly the environment the
+chart gives each pod (``$(POD_NAME)``/``$(POD_NAMESPACE)`` expanded as the kubelet does).
+The only local stand-ins are what a cluster provides: each pod's own loopback address,
+a data directory, and a DNS server answering for the headless Service and the pods'
+names (``KURA_DISCOVERY_DNS_SERVER``) the way cluster DNS does.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from app.settings import Settings
+from tests.mesh import MeshNode, gradle_path, start, wait_until
+from tests.nodes import Node, make_node
+
+helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk is a test dependency")
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "kura"
+NAMESPACE = "cache"
+RELEASE = "kura"
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    chart = helm_python.Chart.load(str(CHART))
+    try:
+        rendered = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    finally:
+        chart.close()
+    docs = []
+    for name, text in rendered.items():
+        if name.endswith(".yaml"):
+            docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def one(docs: list[dict[str, Any]], kind: str, predicate=lambda d: True) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    found = [d for d in docs if d["kind"] == kind and predicate(d)]
+    assert len(found) == 1, f"expected one {kind}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def pod_env(statefulset: dict[str, Any], ordinal: int) -> dict[str, str]:
+    """The node container's environment in pod ``ordinal``, as the kubelet builds it."""
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    fields = {"metadata.name": f"{statefulset['metadata']['name']}-{ordinal}",
+              "metadata.namespace": NAMESPACE}
+    env: dict[str, str] = {}
+    for var in container["env"]:
+        if "valueFrom" in var:
+            env[var["name"]] = fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)),
+                                      str(var.get("value", "")))
+    return env
+
+
+def test_default_values_describe_a_mesh_that_becomes_ready(tmp_path, dns_server) -> None:
+    docs = render()
+    statefulset = one(docs, "StatefulSet")
+    headless = one(docs, "Service", lambda d: d["spec"].get("clusterIP") == "None")
+    pod_spec = statefulset["spec"]["template"]["spec"]
+    container = pod_spec["containers"][0]
+    # Peers must find each other before they are ready, and the probes gate on /ready.
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert statefulset["spec"]["serviceName"] == headless["metadata"]["name"]
+    assert headless["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+    internal = next(p for p in container["ports"] if p["name"] == "internal")["containerPort"]
+    assert any(p["port"] == internal for p in headless["spec"]["ports"])
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/up"
+    replicas = statefulset["spec"]["replicas"]
+    assert replicas == 3
+
+    envs = [pod_env(statefulset, i) for i in range(replicas)]
+    domain = f"{headless['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    for i, env in enumerate(envs):
+        settings = Settings.from_env(env)  # the chart's environment is a valid configuration
+        assert settings.discovery_dns_name == domain
+        assert settings.resolved_node_url == f"http://{statefulset['metadata']['name']}-{i}.{domain}:{internal}"
+        assert settings.tenant_id == envs[0]["KURA_TENANT_ID"]
+
+    # Run the pods: loopback addresses stand in for pod IPs, a DNS server for cluster DNS.
+    addresses = [f"127.0.0.{50 + i}" for i in range(replicas)]
+    records = {domain: addresses}
+    for i, address in enumerate(addresses):
+        records[f"{statefulset['metadata']['name']}-{i}.{domain}"] = [address]
+    dns = dns_server(records)
+    members = []
+    for i, env in enumerate(envs):
+        node = make_node(tmp_path, f"pod{i}")
+        local = {k: v for k, v in node.env.items() if not k.startswith("KURA_")}
+        node.env = {**local, **env, "KURA_DATA_DIR": str(node.data_dir), "KURA_BIND_HOST": addresses[i],
+                    "KURA_DISCOVERY_DNS_SERVER": f"127.0.0.1:{dns.port}",
+                    "KURA_DRAIN_COMPLETION_TIMEOUT_MS": "5000"}
+        members.append(MeshNode(f"pod{i}", node))
+    try:
+        start(members, timeout=90)
+        for member in members:
+            doc = member.ready()
+            assert doc["ready"] and len(doc["known_peers"]) == replicas - 1
+            assert doc["bootstrapped_peers"] == doc["known_peers"]
+        tenant = envs[0]["KURA_TENANT_ID"]
+        r = members[0].session.put(members[0].url + f"/api/cache/gradle/k?tenant_id={tenant}", data=b"v")
+        assert r.status_code == 201
+        wait_until(lambda: all(m.get(f"/api/cache/gradle/k?tenant_id={tenant}").content == b"v"
+                               for m in members), 15, "the write on every pod")
+    finally:
+        for member in members:
+            member.node.stop()
