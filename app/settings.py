@@ -116,12 +116,6 @@ class Settings:
     def resolved_http_workers(self) -> int:
         return self.http_workers or (os.cpu_count() or 1)
 
-    @property
-    def replication_peers(self) -> tuple[str, ...]:
-        """Static peers, excluding this node's own URL."""
-        own = self.resolved_node_url.rstrip("/")
-        return tuple(p for p in self.peers if p != own)
-
     def with_overrides(self, **changes: Any) -> "Settings":
         return replace(self, **changes)
 

@@ -14,6 +14,8 @@ Three figures (issue 9), each against a reference measured in the same run:
    reference MiB/s.
 3. Public 4 KiB GET latency (wrk, c=8) on the peer while it serves that bootstrap,
    against the same with nothing else running.
+4. Backlog: 100,000 writes pile up while a peer is down; when it is back, the drain time
+   and the growth of the replicator's resident memory while it drains.
 
 Seeding writes straight into the peer's data directory before it starts.
 """
@@ -204,6 +206,49 @@ def bootstrap_and_latency(workdir: Path, count: int, total_bytes: int, wrk_s: fl
         source.stop()
 
 
+def backlog_drain(workdir: Path, rows: int) -> dict[str, Any]:
+    """A peer is down while ``rows`` writes pile up in the outbox (REAPI batches of 1,000
+    blobs); then it comes back. Measures the drain time and the replicator's memory."""
+    from bench import proctree
+    from tests.reapi.reapi_client import Reapi, digest_of
+    from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+
+    extra = {"KURA_PEER_LOSS_TIMEOUT_MS": str(3600 * 1000), "KURA_OUTBOX_MAX_DEPTH": str(rows + 10)}
+    source, peer = _mesh(workdir, ["source", "peer"], extra)
+    source.start()
+    peer.start()
+    try:
+        _wait_ready([source, peer])
+        peer.stop()
+        reapi = Reapi.connect(source.grpc_port)
+        for start in range(0, rows, 1000):
+            blobs = [f"backlog-{i}".encode() for i in range(start, min(rows, start + 1000))]
+            reapi.cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(
+                instance_name="backlog", requests=[re_pb2.BatchUpdateBlobsRequest.Request(
+                    digest=digest_of(b), data=b) for b in blobs]))
+        reapi.channel.close()
+        session = requests.Session()
+        depth = _outbox(source, session)
+        replicator = next(pid for pid in proctree.descendants(source.pid)
+                          if "app.replication" in proctree.cmdline(pid))
+        sampler = proctree.RssSampler([replicator])
+        sampler.start()
+        started = time.monotonic()
+        peer.start()
+        while _outbox(source, session):
+            time.sleep(0.05)
+        drained = time.monotonic() - started
+        sampler.stop()
+        result = {"rows": depth, "drain_s": drained, "rows_per_s": depth / drained,
+                  "replicator_rss_baseline_mib": sampler.baseline[replicator] / 2 ** 20,
+                  "replicator_rss_growth_mib": sampler.growth()[replicator] / 2 ** 20}
+        _log(f"mesh: backlog {json.dumps(result)}")
+        return result
+    finally:
+        peer.stop()
+        source.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.mesh_bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="256 MiB bootstrap, 1 replication rep")
@@ -216,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {"machine": machine_description(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         doc["replication"] = replication_lag(work / "lag", 2000, 1 if args.quick else 3)
         doc["bootstrap"] = bootstrap_and_latency(work / "boot", count, total, 3.0 if args.quick else 5.0)
+        doc["backlog"] = backlog_drain(work / "backlog", 20_000 if args.quick else 100_000)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
     print(json.dumps({"replication_lag_s": doc["replication"]["lag_s_median"],
@@ -224,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                           "reference_get_s", "reference_mib_per_s", "bootstrap_pass_s",
                           "bootstrap_transfer_s", "bootstrap_mib_per_s",
                           "bootstrap_vs_reference", "get_4k_idle", "get_4k_during_bootstrap",
-                          "p99_ratio")}}, indent=2))
+                          "p99_ratio")},
+                      "backlog": doc["backlog"]}, indent=2))
     return 0
 
 

@@ -96,13 +96,11 @@ def coalesce(divergent: set[str], peer_buckets: set[str], prefix_len: int) -> li
 
 class Bootstrapper:
     def __init__(self, settings: Settings, store: ArtifactStore, client: PeerClient, mesh: MeshState,
-                 *, on_change: Callable[[], None] = lambda: None,
-                 offload: Callable[..., Any] = lambda fn, *a: fn(*a)) -> None:
+                 *, offload: Callable[..., Any] = lambda fn, *a: fn(*a)) -> None:
         self.settings = settings
         self.store = store
         self.client = client
         self.mesh = mesh
-        self._on_change = on_change
         self._offload = offload
         self._timeout_s = settings.bootstrap_timeout_ms / 1000
         self._greenlet: gevent.Greenlet | None = None
@@ -141,7 +139,6 @@ class Bootstrapper:
                 continue
             peer.inflight = True
             self._passes[peer.node_url] = gevent.spawn(self._run_pass, peer)
-        self._on_change()
 
     def _log_progress(self) -> None:
         for url in self._passes:
@@ -200,7 +197,6 @@ class Bootstrapper:
                 progress.phase = "failed"
                 log.warning("event=bootstrap_failed peer=%s attempt=%d retry_in_s=%.0f error=%r",
                             peer.node_url, progress.attempt, delay, progress.last_error)
-            self._on_change()
 
     def run_pass(self, peer: PeerState, progress: BootstrapProgress) -> None:
         """One bootstrap pass from ``peer``; raises on any failure, marks the peer done on a

@@ -38,6 +38,7 @@ from app.replication.receive import (SOURCE_REPLICATION, artifact_from_fields, c
                                      receive_frames)
 from app.settings import Settings
 from app.storage.catalog import MAX_PAGE, MAX_PREFIX_LEN
+from app.storage.segments import Offload, direct_call
 from app.storage.store import APPLIED, ArtifactStore
 
 log = logging.getLogger("kura.internal")
@@ -66,8 +67,10 @@ def _read_input(n: int) -> bytes:
 
 
 def create_internal_app(settings: Settings, store: ArtifactStore,
-                        known_peers: Callable[[], dict[str, int]] = dict) -> Flask:
-    """The internal API over ``store``; ``known_peers`` reports the admitted peers."""
+                        known_peers: Callable[[], dict[str, int]] = dict,
+                        offload: Offload = direct_call) -> Flask:
+    """The internal API over ``store``; ``known_peers`` reports the admitted peers;
+    ``offload`` runs the long scans (bucket digests) off the event loop."""
     app = Flask("kura-internal", static_folder=None)
     app.url_map.merge_slashes = False
 
@@ -135,7 +138,7 @@ def create_internal_app(settings: Settings, store: ArtifactStore,
     def bootstrap_digest() -> Response:
         prefix_len = _int_arg("prefix_len", 3, 1, MAX_PREFIX_LEN)
         started = time.perf_counter()
-        buckets = store.catalog.bucket_digests(prefix_len)
+        buckets = offload(store.catalog.bucket_digests, prefix_len)
         log.debug("event=bootstrap_digest buckets=%d seconds=%.3f", len(buckets),
                   time.perf_counter() - started)
         return jsonify({"prefix_len": prefix_len,
@@ -180,3 +183,22 @@ def _artifact_id(hex_id: Any) -> bytes:
         return bytes.fromhex(hex_id)
     except ValueError:
         raise BadRequest("Invalid artifact id: expected 64 hex characters") from None
+
+
+def serve_internal_api(settings: Settings, app: Flask) -> Any:
+    """Start serving ``app`` on ``KURA_INTERNAL_PORT`` (gevent's WSGI server, replicator only).
+    A peer that sends nothing for ``KURA_PEER_IDLE_TIMEOUT_MS`` is cut off; there is no
+    total timeout, so a slow transfer completes."""
+    from gevent.pywsgi import WSGIHandler, WSGIServer
+
+    idle_timeout_s = settings.peer_idle_timeout_ms / 1000
+
+    class IdleTimeoutHandler(WSGIHandler):
+        def handle(self) -> None:
+            self.socket.settimeout(idle_timeout_s)
+            super().handle()
+
+    server = WSGIServer((settings.bind_host, settings.internal_port), app, log=None,
+                        handler_class=IdleTimeoutHandler)
+    server.start()
+    return server

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import gevent
@@ -62,13 +62,12 @@ class Discovery:
 
 
 class Membership:
-    def __init__(self, settings: Settings, client: PeerClient, mesh: MeshState, resolver: Resolver,
-                 *, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, settings: Settings, client: PeerClient, mesh: MeshState,
+                 resolver: Resolver) -> None:
         self.settings = settings
         self.client = client
         self.mesh = mesh
         self.discovery = Discovery(settings, resolver)
-        self._on_change = on_change
         self._greenlet: gevent.Greenlet | None = None
         self._target_of: dict[str, str] = {}  # peer node URL -> the target that last reached it
         self.rounds = 0
@@ -131,4 +130,3 @@ class Membership:
             if self.mesh.generation != before:
                 log.info("event=membership_changed generation=%d peers=%d",
                          self.mesh.generation, len(self.mesh.peers))
-            self._on_change()

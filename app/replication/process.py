@@ -5,11 +5,10 @@ One per node, gevent-based. It owns: the internal peer API on ``KURA_INTERNAL_PO
 (``bootstrap``), outbox delivery (``drain``), the readiness gate (``readiness``), and
 store housekeeping (capacity eviction, multipart janitor). It publishes the mesh view
 to the node's other processes (``run/members.json``, ``run/mesh.json`` and the shared
-node state) every ``PUBLISH_S``.
+node state).
 """
 from __future__ import annotations
 
-import json
 import logging
 
 from app import stop_signals
@@ -17,7 +16,6 @@ from app.node_state import KIND_REPLICATOR, NodeState, state_path
 from app.settings import Settings
 
 log = logging.getLogger("kura.replicator")
-PUBLISH_S = 0.25
 
 
 def main() -> None:
@@ -25,15 +23,12 @@ def main() -> None:
 
     monkey.patch_all()
     stop = stop_signals.listen()
-    import gevent
-    from gevent.pywsgi import WSGIHandler, WSGIServer
-
     from app.replication.bootstrap import Bootstrapper
     from app.replication.drain import OutboxDrainer
-    from app.replication.internal_api import create_internal_app
+    from app.replication.internal_api import create_internal_app, serve_internal_api
     from app.replication.membership import Membership
     from app.replication.peer_client import PeerClient
-    from app.replication.readiness import SETTLE_S, MeshState, publish
+    from app.replication.readiness import SETTLE_S, MeshState, Publisher
     from app.replication.resolution import Resolver
     from app.storage.housekeeping import Housekeeper
     from app.storage.segments import cooperative_offload
@@ -57,36 +52,9 @@ def main() -> None:
     client = PeerClient(connect_timeout_s=settings.peer_connect_timeout_ms / 1000,
                         idle_timeout_s=settings.peer_idle_timeout_ms / 1000,
                         resolve=resolver.address if settings.discovery_dns_server else None)
-    idle_timeout_s = settings.peer_idle_timeout_ms / 1000
-
-    class IdleTimeoutHandler(WSGIHandler):
-        """A peer that sends nothing for the idle timeout is cut off (never a total timeout)."""
-
-        def handle(self) -> None:
-            self.socket.settimeout(idle_timeout_s)
-            super().handle()
-
-    server = WSGIServer((settings.bind_host, settings.internal_port),
-                        create_internal_app(settings, store, known_peers=mesh.known_peers),
-                        log=None, handler_class=IdleTimeoutHandler)
-    server.start()
-
-    published: dict[str, str] = {}
-
-    def publish_state() -> None:
-        serving = mesh.maybe_mark_serving(node_state.draining)
-        snapshot = mesh.snapshot()
-        node_state.set("generation", mesh.generation)
-        node_state.set("discovery_done", int(mesh.initial_discovery_completed))
-        node_state.set("members", len(mesh.peers))
-        node_state.set("bootstrap_known", len(snapshot["known_peers"]))
-        node_state.set("bootstrap_completed", len(snapshot["bootstrapped_peers"]))
-        node_state.set("bootstrap_inflight", len(snapshot["bootstrap_inflight_peers"]))
-        node_state.set("ready", int(serving and not node_state.draining))
-        key = json.dumps({k: v for k, v in snapshot.items() if k != "written_ms"}, sort_keys=True)
-        if published.get("key") != key:
-            publish(settings.data_dir, snapshot)
-            published["key"] = key
+    server = serve_internal_api(settings, create_internal_app(
+        settings, store, known_peers=mesh.known_peers, offload=offload))
+    publisher = Publisher(mesh, node_state, settings.data_dir)
 
     membership = Membership(settings, client, mesh, resolver)
     bootstrapper = Bootstrapper(settings, store, client, mesh, offload=offload)
@@ -96,21 +64,13 @@ def main() -> None:
     bootstrapper.start()
     drainer.start()
 
-    def publish_forever() -> None:
-        while True:
-            try:
-                publish_state()
-            except Exception:  # noqa: BLE001
-                log.exception("event=publish_failed")
-            gevent.sleep(PUBLISH_S)
-
-    publisher = gevent.spawn(publish_forever)
+    publisher.start()
     log.info("event=replicator_started internal_port=%d node_url=%s peers=%d dns_name=%s",
              settings.internal_port, settings.resolved_node_url, len(settings.peers),
              settings.discovery_dns_name or "-")
 
     stop.wait()
-    publisher.kill()
+    publisher.stop()
     membership.stop()
     bootstrapper.stop()
     drainer.stop()

@@ -15,11 +15,13 @@ one definition.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+log = logging.getLogger("kura.replicator")
 SETTLE_S = 5.0
 
 REASON_WRITER_LOCK = "writer lock not held"
@@ -185,6 +187,54 @@ class MeshState:
 
 
 # -- publishing to the node's other processes -------------------------------------------
+PUBLISH_S = 0.25
+
+
+class Publisher:
+    """Decides readiness and publishes the mesh view every ``PUBLISH_S``: the flags and
+    counts in the shared node state, the snapshot in ``run/mesh.json`` (when it changed)."""
+
+    def __init__(self, mesh: MeshState, node_state: Any, data_dir: str) -> None:
+        self.mesh = mesh
+        self.node_state = node_state
+        self.data_dir = data_dir
+        self._last = ""
+        self._greenlet: Any = None
+
+    def publish(self) -> None:
+        node, mesh = self.node_state, self.mesh
+        serving = mesh.maybe_mark_serving(node.draining)
+        snapshot = mesh.snapshot()
+        node.set("generation", mesh.generation)
+        node.set("discovery_done", int(mesh.initial_discovery_completed))
+        node.set("members", len(mesh.peers))
+        node.set("bootstrap_known", len(snapshot["known_peers"]))
+        node.set("bootstrap_completed", len(snapshot["bootstrapped_peers"]))
+        node.set("bootstrap_inflight", len(snapshot["bootstrap_inflight_peers"]))
+        node.set("ready", int(serving and not node.draining))
+        key = json.dumps({k: v for k, v in snapshot.items() if k != "written_ms"}, sort_keys=True)
+        if key != self._last:
+            publish(self.data_dir, snapshot)
+            self._last = key
+
+    def start(self) -> None:
+        import gevent
+
+        def forever() -> None:
+            while True:
+                try:
+                    self.publish()
+                except Exception:  # noqa: BLE001 - keep publishing
+                    log.exception("event=publish_failed")
+                gevent.sleep(PUBLISH_S)
+
+        self._greenlet = gevent.spawn(forever)
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill()
+
+
 def mesh_path(data_dir: str) -> str:
     return os.path.join(data_dir, "run", "mesh.json")
 

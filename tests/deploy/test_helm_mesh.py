@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import yaml
 
 from app.settings import Settings
-from tests.mesh import MeshNode, gradle_path, start, wait_until
-from tests.nodes import Node, make_node
+from tests.mesh import MeshNode, start, wait_until
+from tests.nodes import make_node
 
 helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk is a test dependency")
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 from app.settings import Settings
 from app.storage.store import ArtifactStore
