@@ -170,7 +170,7 @@ class OutboxDrainer:
             try:
                 stream = BodyStream(self.store, list(batch))
                 try:
-                    self.client.send_batch(peer, stream.frames())
+                    self.client.send_batch(peer, stream.frames(), stream.length)
                 finally:
                     stream.close()
             except PeerError as exc:

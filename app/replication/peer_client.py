@@ -22,6 +22,7 @@ from app import metrics
 from app.replication.frames import FRAMES_CONTENT_TYPE
 
 STATUS_TIMEOUT_S = 2.0
+SYNC_BYTES_PER_S = 10 * 1024 * 1024
 
 
 def target_label(peer: str) -> str:
@@ -128,11 +129,16 @@ class PeerClient:
             return doc
 
     # -- replication -------------------------------------------------------------
-    def send_batch(self, peer: str, frames: Iterable[bytes]) -> dict[str, Any]:
-        """Deliver a framed batch of artifact versions (chunked upload, streamed)."""
+    def send_batch(self, peer: str, frames: Iterable[bytes], size: int) -> dict[str, Any]:
+        """Deliver a framed batch of artifact versions (``size`` bytes, streamed).
+
+        After the last byte the peer makes the batch durable before it answers, which for
+        a large batch is a legitimate silence: the wait for the answer is the idle timeout
+        plus the time to sync ``size`` bytes at a pessimistic ``SYNC_BYTES_PER_S``."""
+        wait = self.idle_timeout_s + size / SYNC_BYTES_PER_S
         with self._call(peer, "upsert_artifact", counted=True):
             response = self._request("POST", peer, "upsert_artifact", "/_internal/replicate/batch",
-                                     data=iter(frames),
+                                     data=iter(frames), timeout=(self.connect_timeout_s, wait),
                                      headers={"Content-Type": FRAMES_CONTENT_TYPE})
             return response.json() if response.content else {}
 
