@@ -79,14 +79,18 @@ def on_starting(server):
     shutil.rmtree(prom_dir, ignore_errors=True)
     os.makedirs(prom_dir)
     shutil.rmtree(os.path.join(_settings.resolved_tmp_dir, "staging"), ignore_errors=True)
-    if _settings.extensions_active:
-        # Fail at start, naming the variable, rather than in every worker's boot.
-        from app.extensions import Extensions
-        try:
+    # Fail at start, naming the variables, rather than in every child's boot.
+    try:
+        if _settings.extensions_active:
+            from app.extensions import Extensions
+
             Extensions.from_settings(_settings).close()
-        except ConfigError as exc:
-            sys.stderr.write(f"kura: invalid configuration: {exc}\n")
-            sys.exit(1)
+        from app.replication.peer_tls import PeerTls
+
+        PeerTls.from_settings(_settings)
+    except ConfigError as exc:
+        sys.stderr.write(f"kura: invalid configuration: {exc}\n")
+        sys.exit(1)
     _node_state = NodeState.reset(state_path(_settings.data_dir))
     _node_state.set("started_ms", int(time.time() * 1000))
     _node_state.set("writer_lock", 1)  # held since acquire() above, until on_exit

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import mmap
 import os
+import time
 from typing import Iterator
 
 MAGIC = 0x4B5552415354  # "KURAST"
@@ -22,8 +23,9 @@ HEADER_FIELDS = (
     "writer_lock",  # the master holds the data directory's exclusive lock
 )
 HEADER_WORDS = 16
-SLOT_FIELDS = ("pid", "kind", "inflight", "tmp_bytes")
-SLOT_WORDS = 4
+SLOT_FIELDS = ("pid", "kind", "inflight", "tmp_bytes", "latency_ewma_us", "latency_sample_ms")
+SLOT_WORDS = 6
+LATENCY_MAX_AGE_MS = 30_000  # an EWMA with no sample for this long no longer counts (as Kura)
 MAX_SLOTS = 128
 SIZE = 8 * (HEADER_WORDS + SLOT_WORDS * MAX_SLOTS)
 
@@ -97,9 +99,9 @@ class NodeState:
                 base = self._base(slot)
                 owner = self._words[base]
                 if owner == pid or not pid_alive(owner):
+                    for word in range(1, SLOT_WORDS):
+                        self._words[base + word] = 0
                     self._words[base + 1] = kind
-                    self._words[base + 2] = 0
-                    self._words[base + 3] = 0
                     self._words[base] = pid
                     self._slot = slot
                     self._pid = pid
@@ -113,8 +115,8 @@ class NodeState:
         for slot in range(MAX_SLOTS):
             base = self._base(slot)
             if self._words[base] == pid:
-                self._words[base + 2] = 0
-                self._words[base + 3] = 0
+                for word in range(1, SLOT_WORDS):
+                    self._words[base + word] = 0
                 self._words[base] = 0
 
     def _own(self) -> int:
@@ -133,22 +135,45 @@ class NodeState:
         base = self._own()
         self._words[base + 3] += delta
 
-    def _live_slots(self) -> Iterator[tuple[int, int, int, int]]:
+    def note_latency(self, seconds: float) -> None:
+        """Fold one public request's latency into this process's EWMA (weight 1/8, as Kura;
+        the first sample is taken as is). Only the owner writes its slot."""
+        base = self._own()
+        sample = max(1, int(seconds * 1_000_000))
+        old = self._words[base + 4]
+        self._words[base + 4] = sample if old <= 0 else (7 * old + sample) // 8
+        self._words[base + 5] = int(time.time() * 1000)
+
+    def public_latency_ewma_ms(self) -> float:
+        """The slowest recent public-latency EWMA of the node's HTTP and gRPC processes (0
+        when none has a sample from the last ``LATENCY_MAX_AGE_MS``)."""
+        now_ms = time.time() * 1000
+        worst = 0
+        for slot in self._live_slots():
+            if slot[1] in (KIND_HTTP, KIND_REAPI) and now_ms - slot[5] <= LATENCY_MAX_AGE_MS:
+                worst = max(worst, slot[4])
+        return worst / 1000
+
+    def public_inflight(self) -> int:
+        """Public HTTP requests and gRPC calls in flight in every process of the node."""
+        return self.inflight(KIND_HTTP) + self.inflight(KIND_REAPI)
+
+    def _live_slots(self) -> Iterator[tuple[int, ...]]:
         for slot in range(MAX_SLOTS):
             base = self._base(slot)
             pid = self._words[base]
             if pid and pid_alive(pid):
-                yield pid, self._words[base + 1], self._words[base + 2], self._words[base + 3]
+                yield tuple(self._words[base:base + SLOT_WORDS])
 
     def processes(self) -> list[tuple[int, int]]:
         """``(pid, kind)`` of every live process of the node that claimed a slot."""
-        return [(pid, kind) for pid, kind, _, _ in self._live_slots()]
+        return [(slot[0], slot[1]) for slot in self._live_slots()]
 
     def inflight(self, kind: int | None = None) -> int:
-        return sum(max(0, n) for _, k, n, _ in self._live_slots() if kind is None or k == kind)
+        return sum(max(0, slot[2]) for slot in self._live_slots() if kind is None or slot[1] == kind)
 
     def tmp_bytes(self) -> int:
-        return sum(max(0, b) for _, _, _, b in self._live_slots())
+        return sum(max(0, slot[3]) for slot in self._live_slots())
 
     def close(self) -> None:
         try:

@@ -109,8 +109,15 @@ class Settings:
         return self.tmp_dir or os.path.join(self.data_dir, "tmp")
 
     @property
+    def internal_tls(self) -> bool:
+        """Mutual TLS on the internal plane (all three KURA_INTERNAL_TLS_* paths set)."""
+        return bool(self.internal_tls_ca_cert_path and self.internal_tls_cert_path
+                    and self.internal_tls_key_path)
+
+    @property
     def resolved_node_url(self) -> str:
-        return self.node_url or f"http://{socket.gethostname()}:{self.internal_port}"
+        scheme = "https" if self.internal_tls else "http"
+        return self.node_url or f"{scheme}://{socket.gethostname()}:{self.internal_port}"
 
     @property
     def resolved_http_workers(self) -> int:
@@ -188,6 +195,14 @@ class Settings:
             raise ConfigError(
                 "KURA_INTERNAL_TLS_CA_CERT_PATH, KURA_INTERNAL_TLS_CERT_PATH and "
                 "KURA_INTERNAL_TLS_KEY_PATH must be set together")
+        if self.internal_tls:
+            if not self.resolved_node_url.startswith("https://"):
+                raise ConfigError("KURA_NODE_URL must be an https:// URL when KURA_INTERNAL_TLS_* "
+                                  f"is set, got {self.resolved_node_url!r}")
+            plain = [p for p in self.peers if not p.startswith("https://")]
+            if plain:
+                raise ConfigError("KURA_PEERS entries must be https:// URLs when KURA_INTERNAL_TLS_* "
+                                  f"is set, got {plain[0]!r}")
         ports = {"KURA_PORT": self.port, "KURA_GRPC_PORT": self.grpc_port,
                  "KURA_INTERNAL_PORT": self.internal_port}
         seen: dict[int, str] = {}

@@ -85,8 +85,10 @@ class FastReads:
             self._respond(req, sock, spec, located, keep_alive)
         finally:
             self._node_state.add_inflight(-1)
+        elapsed = time.perf_counter() - started
         metrics.HTTP_REQUESTS.labels(spec.template, "200").inc()
-        metrics.HTTP_DURATION.labels(spec.template).observe(time.perf_counter() - started)
+        metrics.HTTP_DURATION.labels(spec.template).observe(elapsed)
+        self._node_state.note_latency(elapsed)  # bandwidth pacing (app.replication.pacing)
         metrics.ARTIFACT_READS.labels(located.manifest.producer, "hit").inc()
         if not keep_alive or req.should_close():
             raise StopIteration()  # gunicorn's way of ending the connection after this answer

@@ -52,7 +52,10 @@ def _after(response: Response) -> Response:
     metrics.HTTP_REQUESTS.labels(route, str(response.status_code)).inc()
     started = g.get("kura_started")
     if started is not None:
-        metrics.HTTP_DURATION.labels(route).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics.HTTP_DURATION.labels(route).observe(elapsed)
+        if g.get("kura_inflight"):  # public requests only (not probes): bandwidth pacing
+            services().node_state.note_latency(elapsed)
     return response
 
 

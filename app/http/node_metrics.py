@@ -13,6 +13,7 @@ from prometheus_flask_exporter import PrometheusMetrics
 
 from app import metrics
 from app.node_state import KIND_HTTP, KIND_NAMES, KIND_REAPI, NodeState
+from app.replication.pacing import effective_limit
 from app.storage.store import ArtifactStore
 
 
@@ -70,6 +71,30 @@ class NodeCollector(Collector):
              node.get("bootstrap_completed")),
             ("kura_bootstrap_inflight_peers", "Peers being bootstrapped from now",
              node.get("bootstrap_inflight")),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
+        yield from self._bandwidth()
+
+    def _bandwidth(self) -> Iterator[GaugeMetricFamily]:
+        """Peer-traffic pacing as the replicator computes it (``app.replication.pacing``)."""
+        settings = self.store.settings
+        node = self.node_state
+        inflight = node.public_inflight()
+        latency_ms = node.public_latency_ewma_ms()
+        configured = settings.replication_bandwidth_limit_bytes_per_second
+        target = settings.replication_public_latency_target_ms
+        for name, help_text, value in (
+            ("kura_replication_bandwidth_configured_limit_bytes_per_second",
+             "KURA_REPLICATION_BANDWIDTH_LIMIT_BYTES_PER_SECOND (0: unpaced)", configured),
+            ("kura_replication_bandwidth_effective_limit_bytes_per_second",
+             "What peer traffic may use now, public load considered (0: unpaced)",
+             effective_limit(configured, inflight, latency_ms, target)),
+            ("kura_replication_bandwidth_public_latency_target_ms",
+             "KURA_REPLICATION_PUBLIC_LATENCY_TARGET_MS", target),
+            ("kura_public_request_latency_ewma_ms",
+             "Public request latency EWMA (slowest recent process of the node)", latency_ms),
+            ("kura_public_http_inflight_requests", "Public HTTP requests in flight",
+             node.inflight(KIND_HTTP)),
         ):
             yield GaugeMetricFamily(name, help_text, value=value)
 

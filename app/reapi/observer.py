@@ -84,8 +84,11 @@ class _Call:
         if self.done:
             return
         self.done = True
+        elapsed = time.monotonic() - self.started
         metrics.GRPC_REQUESTS.labels(self.method, code.name).inc()
-        metrics.GRPC_DURATION.labels(self.method).observe(time.monotonic() - self.started)
+        metrics.GRPC_DURATION.labels(self.method).observe(elapsed)
+        if not self.probe:  # public calls only: bandwidth pacing (app.replication.pacing)
+            self.observer.node_state.note_latency(elapsed)
         # Last: a drain (or a test) that sees zero in flight also sees this call's metrics.
         self.observer.node_state.add_inflight(-1)
 

@@ -33,6 +33,7 @@ from gevent.pool import Pool
 from app import metrics
 from app.errors import BudgetExhausted, KuraError
 from app.replication.drain import backoff_delay
+from app.replication.pacing import UNPACED, Pacer
 from app.replication.peer_client import PeerClient, PeerError
 from app.replication.readiness import BootstrapProgress, MeshState, PeerState
 from app.replication.receive import SOURCE_BOOTSTRAP, artifact_from_fields, receive_frames
@@ -96,8 +97,9 @@ def coalesce(divergent: set[str], peer_buckets: set[str], prefix_len: int) -> li
 
 class Bootstrapper:
     def __init__(self, settings: Settings, store: ArtifactStore, client: PeerClient, mesh: MeshState,
-                 *, offload: Callable[..., Any] = lambda fn, *a: fn(*a)) -> None:
+                 *, offload: Callable[..., Any] = lambda fn, *a: fn(*a), pacer: Pacer = UNPACED) -> None:
         self.settings = settings
+        self.pacer = pacer
         self.store = store
         self.client = client
         self.mesh = mesh
@@ -343,8 +345,8 @@ class Bootstrapper:
 
                 received = self.client.fetch_bodies(
                     url, [hex_id for hex_id, _ in batch],
-                    lambda raw: receive_frames(self.store, lambda n: read(n, raw), SOURCE_BOOTSTRAP,
-                                               staged))
+                    lambda raw: receive_frames(self.store, self.pacer.reader(lambda n: read(n, raw)),
+                                               SOURCE_BOOTSTRAP, staged))
         except (PeerError, KuraError, OSError) as exc:
             progress.artifacts_failed += len(batch)
             progress.last_error = str(exc)[:500]

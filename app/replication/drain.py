@@ -25,6 +25,7 @@ from gevent.pool import Pool
 from app import metrics
 from app.errors import KuraError
 from app.replication.frames import BodyStream
+from app.replication.pacing import UNPACED, Pacer
 from app.replication.peer_client import PeerClient, PeerError
 from app.storage.store import ArtifactStore, Located
 
@@ -59,9 +60,11 @@ class PeerDelivery:
 
 class OutboxDrainer:
     def __init__(self, store: ArtifactStore, client: PeerClient, members: Callable[[], tuple[str, ...]],
-                 discovery_done: Callable[[], bool], *, clock: Callable[[], float] = time.monotonic) -> None:
+                 discovery_done: Callable[[], bool], *, pacer: Pacer = UNPACED,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.client = client
+        self.pacer = pacer
         self._members = members
         self._discovery_done = discovery_done
         self._clock = clock
@@ -168,7 +171,7 @@ class OutboxDrainer:
 
         def send(batch: list[tuple[str, Located]]) -> None:
             try:
-                stream = BodyStream(self.store, list(batch))
+                stream = BodyStream(self.store, list(batch), pace=self.pacer.acquire)
                 try:
                     self.client.send_batch(peer, stream.frames(), stream.length)
                 finally:

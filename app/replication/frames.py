@@ -96,9 +96,11 @@ class BodyStream:
     cannot cut a body short."""
 
     def __init__(self, store: ArtifactStore, located: list[tuple[str, Located | None]],
-                 chunk: int = BODY_CHUNK) -> None:
+                 chunk: int = BODY_CHUNK, pace: Callable[[int], None] = lambda n: None) -> None:
+        """``pace(n)`` is called before each chunk of ``n`` bytes leaves (bandwidth pacing)."""
         self._store = store
         self._chunk = chunk
+        self._pace = pace
         self._items: list[tuple[bytes, Located | None, Any]] = []
         self.length = 0
         try:
@@ -131,6 +133,7 @@ class BodyStream:
                 if found is None or not found.size:
                     continue
                 if fh is None:
+                    self._pace(found.size)
                     yield self._store.read_bytes(found)
                     continue
                 sent = 0
@@ -140,6 +143,7 @@ class BodyStream:
                     if not data:
                         raise OSError(f"segment ended {found.size - sent} bytes early")
                     sent += len(data)
+                    self._pace(len(data))
                     yield data
         finally:
             self.close()

@@ -23,8 +23,11 @@ the public port, and the Lua hooks never run here.
 """
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import logging
+import ssl
 import time
 from typing import Any, Callable
 
@@ -34,6 +37,8 @@ from app import metrics
 from app.errors import BadRequest, NotFound, TruncatedBody
 from app.http.errors import register_error_handlers
 from app.replication.frames import FRAMES_CONTENT_TYPE, BodyStream
+from app.replication.pacing import UNPACED, Pacer
+from app.replication.peer_tls import PeerTls, identity
 from app.replication.receive import (SOURCE_REPLICATION, artifact_from_fields, count_outcomes,
                                      receive_frames)
 from app.settings import Settings
@@ -68,9 +73,11 @@ def _read_input(n: int) -> bytes:
 
 def create_internal_app(settings: Settings, store: ArtifactStore,
                         known_peers: Callable[[], dict[str, int]] = dict,
-                        offload: Offload = direct_call) -> Flask:
+                        offload: Offload = direct_call, pacer: Pacer = UNPACED) -> Flask:
     """The internal API over ``store``; ``known_peers`` reports the admitted peers;
-    ``offload`` runs the long scans (bucket digests) off the event loop."""
+    ``offload`` runs the long scans (bucket digests) off the event loop; ``pacer`` paces
+    every body byte received or served."""
+    read_body = pacer.reader(_read_input)
     app = Flask("kura-internal", static_folder=None)
     app.url_map.merge_slashes = False
 
@@ -92,7 +99,7 @@ def create_internal_app(settings: Settings, store: ArtifactStore,
             return Response(status=204, headers={"Connection": "close"})
         with store.stage(hashing=False) as staged:
             while True:
-                data = _read_input(CHUNK)
+                data = read_body(CHUNK)
                 if not data:
                     break
                 staged.write(data)
@@ -106,7 +113,7 @@ def create_internal_app(settings: Settings, store: ArtifactStore,
     @app.post("/_internal/replicate/batch")
     def replicate_batch() -> Response:
         with store.stage(hashing=False) as staged:
-            received = receive_frames(store, _read_input, SOURCE_REPLICATION, staged)
+            received = receive_frames(store, read_body, SOURCE_REPLICATION, staged)
         return jsonify({"artifacts": received.artifacts, "applied": received.applied})
 
     @app.delete("/_internal/replicate/namespace")
@@ -152,7 +159,7 @@ def create_internal_app(settings: Settings, store: ArtifactStore,
         manifest = found.manifest
         headers = {"Content-Length": str(found.size), "X-Kura-Version-Ms": str(manifest.version_ms),
                    "X-Kura-Origin": manifest.origin}
-        stream = BodyStream(store, [(artifact_id, found)])
+        stream = BodyStream(store, [(artifact_id, found)], pace=pacer.acquire)
         return Response(stream.frames(with_headers=False), headers=headers,
                         content_type=manifest.content_type, direct_passthrough=True)
 
@@ -167,7 +174,8 @@ def create_internal_app(settings: Settings, store: ArtifactStore,
             raise BadRequest("Expected {\"artifact_ids\": [...]}") from None
         if not isinstance(ids, list) or len(ids) > MAX_BODIES_PER_REQUEST:
             raise BadRequest(f"artifact_ids must be a list of at most {MAX_BODIES_PER_REQUEST} ids")
-        stream = BodyStream(store, [(hex_id, store.lookup_id(_artifact_id(hex_id))) for hex_id in ids])
+        stream = BodyStream(store, [(hex_id, store.lookup_id(_artifact_id(hex_id))) for hex_id in ids],
+                            pace=pacer.acquire)
         return Response(stream.frames(), direct_passthrough=True,
                         headers={"Content-Length": str(stream.length)},
                         content_type=FRAMES_CONTENT_TYPE)
@@ -185,20 +193,65 @@ def _artifact_id(hex_id: Any) -> bytes:
         raise BadRequest("Invalid artifact id: expected 64 hex characters") from None
 
 
-def serve_internal_api(settings: Settings, app: Flask) -> Any:
+def internal_bind_host(settings: Settings) -> str:
+    """Where the internal listener binds. A node with no peer, no discovery name and no
+    mTLS has nobody to talk to on this port, which accepts artifact writes: it binds
+    loopback only (its own ``KURA_BIND_HOST`` when that is a loopback address)."""
+    if settings.internal_tls or settings.peers or settings.discovery_dns_name:
+        return settings.bind_host
+    try:
+        if ipaddress.ip_address(settings.bind_host).is_loopback:
+            return settings.bind_host
+    except ValueError:
+        pass
+    return "127.0.0.1"
+
+
+def serve_internal_api(settings: Settings, app: Flask, tls: PeerTls | None = None) -> Any:
     """Start serving ``app`` on ``KURA_INTERNAL_PORT`` (gevent's WSGI server, replicator only).
-    A peer that sends nothing for ``KURA_PEER_IDLE_TIMEOUT_MS`` is cut off; there is no
-    total timeout, so a slow transfer completes."""
+
+    A peer that sends nothing for ``KURA_PEER_IDLE_TIMEOUT_MS`` is cut off (the TLS
+    handshake included); there is no total timeout, so a slow transfer completes. With
+    ``tls`` every connection must present a client certificate signed by the CA; the
+    context is taken per connection, so a rotated certificate applies to new ones."""
     from gevent.pywsgi import WSGIHandler, WSGIServer
 
     idle_timeout_s = settings.peer_idle_timeout_ms / 1000
+    seen: set[str] = set()
 
-    class IdleTimeoutHandler(WSGIHandler):
+    class Handler(WSGIHandler):
         def handle(self) -> None:
             self.socket.settimeout(idle_timeout_s)
             super().handle()
 
-    server = WSGIServer((settings.bind_host, settings.internal_port), app, log=None,
-                        handler_class=IdleTimeoutHandler)
+    class InternalServer(WSGIServer):
+        def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
+            assert tls is not None
+            client_socket.settimeout(idle_timeout_s)
+            try:
+                tls_socket = tls.server_context().wrap_socket(client_socket, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("event=peer_tls_refused remote=%s reason=%r", address[0],
+                            getattr(exc, "reason", None) or str(exc))
+                client_socket.close()
+                return None
+            with contextlib.closing(tls_socket):
+                peer = identity(tls_socket.getpeercert(binary_form=True))
+                if peer not in seen and len(seen) < 4096:
+                    seen.add(peer)
+                    log.info("event=peer_tls_connection identity=%s remote=%s", peer, address[0])
+                return self.handle(tls_socket, address)
+
+    host = internal_bind_host(settings)
+    ssl_args = {"ssl_context": tls.server_context()} if tls is not None else {}
+    server = InternalServer((host, settings.internal_port), app, log=None, handler_class=Handler,
+                            **ssl_args)
     server.start()
+    if tls is None and (settings.peers or settings.discovery_dns_name):
+        log.warning("event=internal_port_unauthenticated port=%d: without KURA_INTERNAL_TLS_* anyone "
+                    "who can reach this port can write artifacts into this node; keep it on a "
+                    "network only the nodes reach (the Helm chart's NetworkPolicy does)",
+                    settings.internal_port)
+    log.info("event=internal_api_listening host=%s port=%d tls=%s identity=%s", host,
+             settings.internal_port, str(tls is not None).lower(), tls.identity if tls else "-")
     return server

@@ -1,16 +1,16 @@
 """Who is in the mesh: static ``KURA_PEERS`` plus DNS discovery, probed every 2 s (SPEC 6.3).
 
 Each round resolves ``KURA_DISCOVERY_DNS_NAME`` (A and AAAA records, through dnspython
-so the resolver is a real one and can be pointed at a given server), turns every
-address into a peer URL with the scheme and port of ``KURA_NODE_URL`` (for ``https``
-the name itself, as certificates name hosts, not addresses; see ``resolution``), adds
-the static peers,
-and asks each for ``/_internal/status``. A peer is admitted when it answers with this
-node's tenant and a node URL that is not this node's. A known peer is dropped at once
-when no target leads to it any more (its address left DNS), and after
-``KURA_PEER_LOSS_TIMEOUT_MS`` (kura-py, default 15 s) when it is still a target but does
-not answer, so a stalled or restarting peer does not churn the topology (Kura drops a
-peer on its first missed probe). Any change bumps the generation (``MeshState``); the admitted peers are
+so the resolver is a real one and can be pointed at a given server; see
+``resolution``), turns every address into a peer URL with the scheme and port of
+``KURA_NODE_URL`` (over ``https`` each address is verified under the DNS name, as
+certificates name hosts, not addresses), adds the static peers, and asks each for
+``/_internal/status``. A peer is admitted when it answers with this node's tenant and
+a node URL that is not this node's. A known peer is dropped at once when no target
+leads to it any more (its address left DNS), and after ``KURA_PEER_LOSS_TIMEOUT_MS``
+(kura-py, default 15 s) when it is still a target but does not answer, so a stalled or
+restarting peer does not churn the topology (Kura drops a peer on its first missed
+probe). Any change bumps the generation (``MeshState``); the admitted peers are
 published to ``run/members.json`` for the node's writers.
 
 Initial discovery completes on the first round in which some target answered (this
@@ -49,16 +49,17 @@ class Discovery:
         self.port = node.port or (443 if self.scheme == "https" else 80)
         self.resolver = resolver
 
-    def targets(self) -> list[str]:
-        targets = set(self.static)
+    def targets(self) -> dict[str, str | None]:
+        """Probe URL → the TLS server name to verify it under (None: the URL's own host).
+        Over https each discovered address is probed and verified under the DNS name
+        (certificates name hosts, not addresses), so every pod behind the name is seen."""
+        targets: dict[str, str | None] = {url: None for url in self.static}
         if self.dns_name:
-            if self.scheme == "https":
-                targets.add(f"https://{self.dns_name}:{self.port}")
-            else:
-                for address in self.resolver.addresses(self.dns_name):
-                    host = f"[{address}]" if ":" in address else address
-                    targets.add(f"{self.scheme}://{host}:{self.port}")
-        return sorted(targets)
+            for address in self.resolver.addresses(self.dns_name):
+                host = f"[{address}]" if ":" in address else address
+                name = self.dns_name if self.scheme == "https" else None
+                targets.setdefault(f"{self.scheme}://{host}:{self.port}", name)
+        return targets
 
 
 class Membership:
@@ -94,11 +95,11 @@ class Membership:
 
         def probe(target: str) -> None:
             try:
-                answers[target] = self.client.status(target)
+                answers[target] = self.client.status(target, targets[target])
             except PeerError as exc:
                 log.debug("event=peer_probe_failed target=%s error=%s", target, exc)
 
-        Pool(32).map(probe, targets)
+        Pool(32).map(probe, list(targets))
         seen: dict[str, dict[str, Any]] = {}
         own = self.mesh.own_url
         for target, doc in answers.items():

@@ -20,6 +20,7 @@ from requests.adapters import HTTPAdapter
 
 from app import metrics
 from app.replication.frames import FRAMES_CONTENT_TYPE
+from app.replication.peer_tls import PeerTls
 
 STATUS_TIMEOUT_S = 2.0
 SYNC_BYTES_PER_S = 10 * 1024 * 1024
@@ -38,17 +39,23 @@ class PeerError(Exception):
         self.status = status
 
 
-class _ResolvingAdapter(HTTPAdapter):
-    """Connects to the address ``resolve(host)`` gives while the request keeps naming the
-    host (Host header, TLS server name)."""
+class _PeerAdapter(HTTPAdapter):
+    """Connections to peers: the node's TLS context (mTLS), an optional pinned TLS server
+    name (a peer reached by address, verified under its DNS name), and optional host name
+    resolution (``resolve``: connect to that address while the request keeps naming the host
+    in its Host header and TLS server name)."""
 
-    def __init__(self, resolve: Callable[[str], str], **kwargs: Any) -> None:
+    def __init__(self, resolve: Callable[[str], str] | None, pool_kw: dict[str, Any],
+                 **kwargs: Any) -> None:
         self._resolve = resolve
+        self._pool_kw = pool_kw
         super().__init__(**kwargs)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
+        super().init_poolmanager(*args, **kwargs, **self._pool_kw)
         resolve = self._resolve
+        if resolve is None:
+            return
 
         def connection_class(base: type) -> type:
             class Resolving(base):  # type: ignore[misc, valid-type]
@@ -72,20 +79,46 @@ class _ResolvingAdapter(HTTPAdapter):
 
 
 class PeerClient:
-    def __init__(self, *, connect_timeout_s: float, idle_timeout_s: float,
-                 pool_size: int = 32, resolve: Callable[[str], str] | None = None) -> None:
-        """``resolve``: host name → address for peer connections (default: the system's)."""
+    def __init__(self, *, connect_timeout_s: float, idle_timeout_s: float, pool_size: int = 32,
+                 resolve: Callable[[str], str] | None = None, tls: PeerTls | None = None) -> None:
+        """``resolve``: host name → address for peer connections (default: the system's);
+        ``tls``: the node's certificate and CA for https peers (mTLS)."""
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
-        self._session = requests.Session()
-        self._session.trust_env = False  # never route peer traffic through an environment proxy
-        pool = {"pool_connections": 16, "pool_maxsize": pool_size, "max_retries": 0}
-        adapter = _ResolvingAdapter(resolve, **pool) if resolve else HTTPAdapter(**pool)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        self._pool_size = pool_size
+        self._resolve = resolve
+        self._tls = tls
+        self._tls_generation = tls.generation if tls else 0
+        self._sessions: dict[str | None, requests.Session] = {}
+
+    def _session(self, server_name: str | None = None) -> requests.Session:
+        """The keep-alive session for peers (``server_name``: peers reached by address and
+        verified under that name). A rotated certificate starts fresh connections."""
+        if self._tls is not None and self._tls.generation != self._tls_generation:
+            self._tls_generation = self._tls.generation
+            for old in self._sessions.values():
+                old.close()
+            self._sessions.clear()
+        session = self._sessions.get(server_name)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # never route peer traffic through an environment proxy
+            pool_kw: dict[str, Any] = {}
+            if self._tls is not None:
+                pool_kw["ssl_context"] = self._tls.client_context()
+            if server_name:
+                pool_kw.update(server_hostname=server_name, assert_hostname=server_name)
+            adapter = _PeerAdapter(self._resolve, pool_kw, pool_connections=16,
+                                   pool_maxsize=self._pool_size, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._sessions[server_name] = session
+        return session
 
     def close(self) -> None:
-        self._session.close()
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
 
     @contextlib.contextmanager
     def _call(self, peer: str, operation: str, *, counted: bool = False) -> Iterator[None]:
@@ -106,8 +139,9 @@ class PeerClient:
                 metrics.REPLICATION_DURATION.labels(operation).observe(time.perf_counter() - started)
 
     def _request(self, method: str, peer: str, operation: str, path: str, *,
-                 timeout: float | tuple[float, float] | None = None, **kwargs: Any) -> requests.Response:
-        response = self._session.request(
+                 timeout: float | tuple[float, float] | None = None, server_name: str | None = None,
+                 **kwargs: Any) -> requests.Response:
+        response = self._session(server_name).request(
             method, peer + path, timeout=timeout or (self.connect_timeout_s, self.idle_timeout_s),
             **kwargs)
         if not 200 <= response.status_code < 300:
@@ -118,11 +152,13 @@ class PeerClient:
         return response
 
     # -- membership --------------------------------------------------------------
-    def status(self, peer: str) -> dict[str, Any]:
+    def status(self, peer: str, server_name: str | None = None) -> dict[str, Any]:
+        """A peer's ``/_internal/status``; ``server_name``: the name to verify its TLS
+        certificate under when ``peer`` is an address (DNS discovery over https)."""
         with self._call(peer, "status"):
             response = self._request("GET", peer, "status", "/_internal/status",
-                                      timeout=(min(self.connect_timeout_s, STATUS_TIMEOUT_S),
-                                               STATUS_TIMEOUT_S))
+                                     timeout=(min(self.connect_timeout_s, STATUS_TIMEOUT_S),
+                                              STATUS_TIMEOUT_S), server_name=server_name)
             doc = response.json()
             if not isinstance(doc, dict):
                 raise ValueError("status is not a JSON object")

@@ -1,8 +1,9 @@
 """The replicator process (``python -m app.replication``): the mesh's composition root.
 
 One per node, gevent-based. It owns: the internal peer API on ``KURA_INTERNAL_PORT``
-(``internal_api``), membership and discovery (``membership``), bootstrap from peers
-(``bootstrap``), outbox delivery (``drain``), the readiness gate (``readiness``), and
+(``internal_api``, optionally with mutual TLS: ``peer_tls``), membership and discovery
+(``membership``), bootstrap from peers (``bootstrap``), outbox delivery (``drain``), the
+bandwidth pacing all of them share (``pacing``), the readiness gate (``readiness``), and
 store housekeeping (capacity eviction, multipart janitor). It publishes the mesh view
 to the node's other processes (``run/members.json``, ``run/mesh.json`` and the shared
 node state).
@@ -27,7 +28,9 @@ def main() -> None:
     from app.replication.drain import OutboxDrainer
     from app.replication.internal_api import create_internal_app, serve_internal_api
     from app.replication.membership import Membership
+    from app.replication.pacing import Pacer
     from app.replication.peer_client import PeerClient
+    from app.replication.peer_tls import PeerTls
     from app.replication.readiness import SETTLE_S, MeshState, Publisher
     from app.replication.resolution import Resolver
     from app.storage.housekeeping import Housekeeper
@@ -49,17 +52,23 @@ def main() -> None:
     alone = not settings.peers and not settings.discovery_dns_name
     mesh = MeshState(settings.resolved_node_url, settle_s=0.0 if alone else SETTLE_S)
     resolver = Resolver(settings.discovery_dns_server)
+    tls = PeerTls.from_settings(settings)
+    if tls is not None:
+        tls.start_watching()
     client = PeerClient(connect_timeout_s=settings.peer_connect_timeout_ms / 1000,
                         idle_timeout_s=settings.peer_idle_timeout_ms / 1000,
-                        resolve=resolver.address if settings.discovery_dns_server else None)
+                        resolve=resolver.address if settings.discovery_dns_server else None, tls=tls)
+    pacer = Pacer(settings.replication_bandwidth_limit_bytes_per_second,
+                  settings.replication_public_latency_target_ms,
+                  lambda: (node_state.public_inflight(), node_state.public_latency_ewma_ms()))
     server = serve_internal_api(settings, create_internal_app(
-        settings, store, known_peers=mesh.known_peers, offload=offload))
+        settings, store, known_peers=mesh.known_peers, offload=offload, pacer=pacer), tls)
     publisher = Publisher(mesh, node_state, settings.data_dir)
 
     membership = Membership(settings, client, mesh, resolver)
-    bootstrapper = Bootstrapper(settings, store, client, mesh, offload=offload)
+    bootstrapper = Bootstrapper(settings, store, client, mesh, offload=offload, pacer=pacer)
     drainer = OutboxDrainer(store, client, lambda: tuple(mesh.peers),
-                            lambda: mesh.initial_discovery_completed)
+                            lambda: mesh.initial_discovery_completed, pacer=pacer)
     membership.start()
     bootstrapper.start()
     drainer.start()
@@ -76,6 +85,8 @@ def main() -> None:
     drainer.stop()
     server.stop(timeout=2)  # within the master's stop grace; a cut transfer is retried
     client.close()
+    if tls is not None:
+        tls.stop_watching()
     housekeeper.stop()
     store.close()
     log.info("event=replicator_stopped")
