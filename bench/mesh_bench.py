@@ -16,6 +16,10 @@ Three figures (issue 9), each against a reference measured in the same run:
    against the same with nothing else running.
 4. Backlog: 100,000 writes pile up while a peer is down; when it is back, the drain time
    and the growth of the replicator's resident memory while it drains.
+5. Pacing and TLS (issue 10): 1 GiB of outbox backlog shipped to a peer that comes back,
+   with public 4 KiB GETs (wrk, c=8) on the shipping node meanwhile: pacing at its default,
+   pacing off, and the same GETs on a node with no replication at all; then the drain
+   throughput over mutual TLS against plain HTTP (pacing off for both).
 
 Seeding writes straight into the peer's data directory before it starts.
 """
@@ -249,29 +253,129 @@ def backlog_drain(workdir: Path, rows: int) -> dict[str, Any]:
         source.stop()
 
 
+def ship(workdir: Path, total_bytes: int, extra: dict[str, str], wrk_s: float,
+         tls: bool = False) -> dict[str, Any]:
+    """A node ships ``total_bytes`` of outbox backlog to a peer that comes back; measures the
+    drain (from the first delivered row) and, with wrk, public 4 KiB GETs meanwhile."""
+    extra = {"KURA_PEER_LOSS_TIMEOUT_MS": str(3600 * 1000), **extra}
+    source, peer = _mesh(workdir, ["source", "peer"], extra)
+    if tls:
+        from tests.certs import PeerCa
+
+        ca = PeerCa(workdir / "pki")
+        for node in (source, peer):
+            issued = ca.issue(node.workdir.name, into=workdir / "pki" / node.workdir.name)
+            node.extra_env.update({
+                "KURA_INTERNAL_TLS_CA_CERT_PATH": str(ca.path),
+                "KURA_INTERNAL_TLS_CERT_PATH": str(issued.cert),
+                "KURA_INTERNAL_TLS_KEY_PATH": str(issued.key),
+                "KURA_NODE_URL": f"https://127.0.0.1:{node.internal_port}"})
+        for node in (source, peer):
+            other = peer if node is source else source
+            node.extra_env["KURA_PEERS"] = f"https://127.0.0.1:{other.internal_port}"
+    source.start()
+    peer.start()
+    session = requests.Session()
+    try:
+        _wait_ready([source, peer])
+        session.put(source.base_url + _gradle("hot-4k"), data=os.urandom(4096), timeout=30)
+        while _outbox(source, session):
+            time.sleep(0.05)
+        peer.stop()
+        body = os.urandom(16 * 1024 * 1024)
+        for i in range(total_bytes // len(body)):
+            r = session.put(source.base_url + _gradle(f"ship-{i}"), data=body, timeout=120)
+            if r.status_code != 201:
+                raise RuntimeError(f"PUT ship-{i}: {r.status_code}")
+        rows = _outbox(source, session)
+        peer.start()
+        while _outbox(source, session) == rows:
+            time.sleep(0.01)
+        started = time.monotonic()
+        busy = None
+        if wrk_s and wrk_load.available():
+            busy = wrk_load.run_wrk(f"{source.base_url}{_gradle('hot-4k')}", 8, wrk_s)
+        while _outbox(source, session):
+            time.sleep(0.02)
+        drained = time.monotonic() - started
+        result: dict[str, Any] = {"bytes": total_bytes, "drain_s": drained,
+                                  "mib_per_s": total_bytes / 2 ** 20 / drained}
+        if busy is not None:
+            result["get_4k"] = {"p50_ms": busy.p50_s * 1e3, "p99_ms": busy.p99_s * 1e3,
+                                "requests_per_s": busy.requests_per_s}
+        return result
+    finally:
+        peer.stop()
+        source.stop()
+
+
+def pacing_and_tls(workdir: Path, total_bytes: int, wrk_s: float) -> dict[str, Any]:
+    """Issue 10's figures: GET latency while shipping with pacing on / off / no replication,
+    and replication throughput over TLS against plain HTTP (pacing off for both)."""
+    result: dict[str, Any] = {}
+    idle_node = KuraNode(workdir / "idle", data_dir=workdir / "idle" / "data",
+                         extra_env={"KURA_HTTP_WORKERS": "1"})
+    (workdir / "idle").mkdir(parents=True, exist_ok=True)
+    idle_node.start()
+    try:
+        requests.put(idle_node.base_url + _gradle("hot-4k"), data=os.urandom(4096), timeout=30)
+        if wrk_load.available():
+            idle = wrk_load.run_wrk(f"{idle_node.base_url}{_gradle('hot-4k')}", 8, wrk_s)
+            result["get_4k_no_replication"] = {"p50_ms": idle.p50_s * 1e3, "p99_ms": idle.p99_s * 1e3,
+                                               "requests_per_s": idle.requests_per_s}
+    finally:
+        idle_node.stop()
+    result["paced_default"] = ship(workdir / "paced", total_bytes, {}, wrk_s)
+    _log(f"mesh: shipped with pacing on {json.dumps(result['paced_default'])}")
+    unpaced = {"KURA_REPLICATION_BANDWIDTH_LIMIT_BYTES_PER_SECOND": "0"}
+    result["unpaced"] = ship(workdir / "unpaced", total_bytes, unpaced, wrk_s)
+    _log(f"mesh: shipped with pacing off {json.dumps(result['unpaced'])}")
+    result["plain_throughput"] = ship(workdir / "plain", total_bytes, unpaced, 0)
+    result["tls_throughput"] = ship(workdir / "tls", total_bytes, unpaced, 0, tls=True)
+    result["tls_vs_plain"] = (result["tls_throughput"]["mib_per_s"]
+                              / result["plain_throughput"]["mib_per_s"])
+    _log(f"mesh: throughput plain {result['plain_throughput']['mib_per_s']:.0f} MiB/s, "
+         f"tls {result['tls_throughput']['mib_per_s']:.0f} MiB/s")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.mesh_bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="256 MiB bootstrap, 1 replication rep")
     p.add_argument("--out", default="bench/results/mesh-latest.json")
+    p.add_argument("--sections", default="replication,bootstrap,backlog,pacing",
+                   help="comma-separated subset of replication,bootstrap,backlog,pacing")
     args = p.parse_args(argv)
+    sections = set(args.sections.split(","))
     total = (256 * 1024 ** 2) if args.quick else GIB
     count = 2_500 if args.quick else 10_000
     with tempfile.TemporaryDirectory(prefix="kura-bench-mesh-") as tmp:
         work = Path(tmp)
         doc = {"machine": machine_description(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-        doc["replication"] = replication_lag(work / "lag", 2000, 1 if args.quick else 3)
-        doc["bootstrap"] = bootstrap_and_latency(work / "boot", count, total, 3.0 if args.quick else 5.0)
-        doc["backlog"] = backlog_drain(work / "backlog", 20_000 if args.quick else 100_000)
+        if "replication" in sections:
+            doc["replication"] = replication_lag(work / "lag", 2000, 1 if args.quick else 3)
+        if "bootstrap" in sections:
+            doc["bootstrap"] = bootstrap_and_latency(work / "boot", count, total,
+                                                     3.0 if args.quick else 5.0)
+        if "backlog" in sections:
+            doc["backlog"] = backlog_drain(work / "backlog", 20_000 if args.quick else 100_000)
+        if "pacing" in sections:
+            doc["pacing"] = pacing_and_tls(work / "pacing", total, 3.0 if args.quick else 5.0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
-    print(json.dumps({"replication_lag_s": doc["replication"]["lag_s_median"],
-                      "mismatches": doc["replication"]["mismatches"],
-                      **{k: doc["bootstrap"].get(k) for k in (
-                          "reference_get_s", "reference_mib_per_s", "bootstrap_pass_s",
-                          "bootstrap_transfer_s", "bootstrap_mib_per_s",
-                          "bootstrap_vs_reference", "get_4k_idle", "get_4k_during_bootstrap",
-                          "p99_ratio")},
-                      "backlog": doc["backlog"]}, indent=2))
+    summary: dict[str, Any] = {}
+    if "replication" in doc:
+        summary.update(replication_lag_s=doc["replication"]["lag_s_median"],
+                       mismatches=doc["replication"]["mismatches"])
+    if "bootstrap" in doc:
+        summary.update({k: doc["bootstrap"].get(k) for k in (
+            "reference_get_s", "reference_mib_per_s", "bootstrap_pass_s", "bootstrap_transfer_s",
+            "bootstrap_mib_per_s", "bootstrap_vs_reference", "get_4k_idle",
+            "get_4k_during_bootstrap", "p99_ratio")})
+    for name in ("backlog", "pacing"):
+        if name in doc:
+            summary[name] = doc[name]
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -114,3 +114,33 @@ def test_default_values_describe_a_mesh_that_becomes_ready(tmp_path, dns_server)
     finally:
         for member in members:
             member.node.stop()
+
+
+def test_network_policy_admits_the_internal_port_only_from_the_mesh() -> None:
+    docs = render()
+    statefulset = one(docs, "StatefulSet")
+    policy = one(docs, "NetworkPolicy")
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = {tuple(p["port"] for p in rule["ports"]): rule.get("from") for rule in policy["spec"]["ingress"]}
+    internal_from = rules[("internal",)]
+    assert len(internal_from) == 1 and internal_from[0]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert rules[("http", "grpc")] is None  # clients from anywhere by default
+    names = {p["name"] for p in statefulset["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert {"internal", "http", "grpc"} <= names
+    assert not [d for d in render({"networkPolicy": {"enabled": False}}) if d["kind"] == "NetworkPolicy"]
+
+
+def test_tls_values_give_an_https_mesh_with_the_secret_mounted() -> None:
+    docs = render({"tls": {"enabled": True, "secretName": "kura-peer-tls"}})
+    statefulset = one(docs, "StatefulSet")
+    pod = statefulset["spec"]["template"]["spec"]
+    env = pod_env(statefulset, 0)
+    settings = Settings.from_env({k: v for k, v in env.items()})
+    assert settings.internal_tls and settings.resolved_node_url.startswith("https://")
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "peer-tls")
+    assert env["KURA_INTERNAL_TLS_CERT_PATH"].startswith(mount["mountPath"] + "/")
+    volume = next(v for v in pod["volumes"] if v["name"] == "peer-tls")
+    assert volume["secret"]["secretName"] == "kura-peer-tls"
+    assert "subPath" not in mount  # a subPath mount would never see cert-manager's rotations
