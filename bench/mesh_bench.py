@@ -253,10 +253,21 @@ def backlog_drain(workdir: Path, rows: int) -> dict[str, Any]:
         source.stop()
 
 
+def _replicator_pid(node: KuraNode) -> int:
+    from bench import proctree
+
+    return next(pid for pid in proctree.descendants(node.pid)
+                if "app.replication" in proctree.cmdline(pid))
+
+
 def ship(workdir: Path, total_bytes: int, extra: dict[str, str], wrk_s: float,
          tls: bool = False) -> dict[str, Any]:
-    """A node ships ``total_bytes`` of outbox backlog to a peer that comes back; measures the
-    drain (from the first delivered row) and, with wrk, public 4 KiB GETs meanwhile."""
+    """A node ships ``total_bytes`` of outbox backlog (16 MiB artifacts) to its peer: the
+    peer's replicator is stopped (SIGSTOP) while the writes pile up, then continued.
+    Measures the drain from its first acknowledged batch to the last and, with wrk, public
+    4 KiB GETs on the shipping node meanwhile."""
+    import signal
+
     extra = {"KURA_PEER_LOSS_TIMEOUT_MS": str(3600 * 1000), **extra}
     source, peer = _mesh(workdir, ["source", "peer"], extra)
     if tls:
@@ -265,46 +276,52 @@ def ship(workdir: Path, total_bytes: int, extra: dict[str, str], wrk_s: float,
         ca = PeerCa(workdir / "pki")
         for node in (source, peer):
             issued = ca.issue(node.workdir.name, into=workdir / "pki" / node.workdir.name)
-            node.extra_env.update({
-                "KURA_INTERNAL_TLS_CA_CERT_PATH": str(ca.path),
-                "KURA_INTERNAL_TLS_CERT_PATH": str(issued.cert),
-                "KURA_INTERNAL_TLS_KEY_PATH": str(issued.key),
-                "KURA_NODE_URL": f"https://127.0.0.1:{node.internal_port}"})
+            node.extra_env.update({"KURA_INTERNAL_TLS_CA_CERT_PATH": str(ca.path),
+                                   "KURA_INTERNAL_TLS_CERT_PATH": str(issued.cert),
+                                   "KURA_INTERNAL_TLS_KEY_PATH": str(issued.key),
+                                   "KURA_NODE_URL": f"https://127.0.0.1:{node.internal_port}"})
         for node in (source, peer):
             other = peer if node is source else source
             node.extra_env["KURA_PEERS"] = f"https://127.0.0.1:{other.internal_port}"
     source.start()
     peer.start()
     session = requests.Session()
+    stopped = None
     try:
         _wait_ready([source, peer])
         session.put(source.base_url + _gradle("hot-4k"), data=os.urandom(4096), timeout=30)
         while _outbox(source, session):
             time.sleep(0.05)
-        peer.stop()
+        stopped = _replicator_pid(peer)
+        os.kill(stopped, signal.SIGSTOP)
         body = os.urandom(16 * 1024 * 1024)
         for i in range(total_bytes // len(body)):
             r = session.put(source.base_url + _gradle(f"ship-{i}"), data=body, timeout=120)
             if r.status_code != 201:
                 raise RuntimeError(f"PUT ship-{i}: {r.status_code}")
         rows = _outbox(source, session)
-        peer.start()
+        os.kill(stopped, signal.SIGCONT)
+        stopped = None
         while _outbox(source, session) == rows:
             time.sleep(0.01)
         started = time.monotonic()
+        first = rows - _outbox(source, session)
         busy = None
         if wrk_s and wrk_load.available():
             busy = wrk_load.run_wrk(f"{source.base_url}{_gradle('hot-4k')}", 8, wrk_s)
         while _outbox(source, session):
             time.sleep(0.02)
         drained = time.monotonic() - started
-        result: dict[str, Any] = {"bytes": total_bytes, "drain_s": drained,
-                                  "mib_per_s": total_bytes / 2 ** 20 / drained}
+        counted = total_bytes * (rows - first) / rows
+        result: dict[str, Any] = {"bytes": counted, "drain_s": drained,
+                                  "mib_per_s": counted / 2 ** 20 / drained}
         if busy is not None:
             result["get_4k"] = {"p50_ms": busy.p50_s * 1e3, "p99_ms": busy.p99_s * 1e3,
                                 "requests_per_s": busy.requests_per_s}
         return result
     finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
         peer.stop()
         source.stop()
 
@@ -330,6 +347,11 @@ def pacing_and_tls(workdir: Path, total_bytes: int, wrk_s: float) -> dict[str, A
     unpaced = {"KURA_REPLICATION_BANDWIDTH_LIMIT_BYTES_PER_SECOND": "0"}
     result["unpaced"] = ship(workdir / "unpaced", total_bytes, unpaced, wrk_s)
     _log(f"mesh: shipped with pacing off {json.dumps(result['unpaced'])}")
+    # The same default limit with a public latency target this machine's GETs exceed, so the
+    # latency divisor (not only the in-flight one) is what slows replication down.
+    tight = {"KURA_REPLICATION_PUBLIC_LATENCY_TARGET_MS": "2"}
+    result["paced_latency_target_2ms"] = ship(workdir / "tight", total_bytes, tight, wrk_s)
+    _log(f"mesh: shipped with a 2 ms latency target {json.dumps(result['paced_latency_target_2ms'])}")
     result["plain_throughput"] = ship(workdir / "plain", total_bytes, unpaced, 0)
     result["tls_throughput"] = ship(workdir / "tls", total_bytes, unpaced, 0, tls=True)
     result["tls_vs_plain"] = (result["tls_throughput"]["mib_per_s"]

@@ -3,10 +3,11 @@
 One greenlet per member reads that member's outbox rows a window at a time (a backlog
 of any size costs ``WINDOW`` rows of memory), sends the artifacts' current versions
 in framed batches (bodies streamed from their segments, never whole in memory) with
-at most ``CONCURRENCY`` batches in flight, and deletes the rows of every batch the peer
-acknowledged (2xx), in one transaction. A failure backs the peer off for
-2 s × 2^(n−1), capped at 60 s, and the rows stay: delivery is retried forever and is
-at-least-once (duplicates are harmless: the receiver applies last-writer-wins).
+at most ``CONCURRENCY`` batches in flight, and deletes the rows of each batch as the peer
+acknowledges it (2xx), in one transaction. A failure backs the peer off for
+2 s × 2^(n−1), capped at 60 s (cut short once membership hears from the peer again), and
+the rows stay: delivery is retried forever and is at-least-once (duplicates are
+harmless: the receiver applies last-writer-wins).
 
 Rows of peers that left the membership are dropped once initial discovery is done
 (a peer that comes back bootstraps what it missed). Public writes never wait for any
@@ -39,6 +40,10 @@ IDLE_POLL_S = 0.05
 SUPERVISE_S = 0.5
 BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 60.0
+BACKOFF_TICK_S = 0.25
+# A probe that answered right after a failure says little (the failure may be the peer's
+# load, not its absence); one answering a while later means it is back.
+BACKOFF_PROBE_MARGIN_S = 1.0
 
 
 def backoff_delay(failures: int) -> float:
@@ -53,7 +58,7 @@ class PeerDelivery:
     peer: str
     failures: int = 0
     retry_at: float = 0.0
-    delivered: int = 0
+    delivered: int = 0  # rows acknowledged since the node started
     last_error: str = ""
     greenlet: gevent.Greenlet | None = field(default=None, repr=False)
 
@@ -61,10 +66,14 @@ class PeerDelivery:
 class OutboxDrainer:
     def __init__(self, store: ArtifactStore, client: PeerClient, members: Callable[[], tuple[str, ...]],
                  discovery_done: Callable[[], bool], *, pacer: Pacer = UNPACED,
+                 last_seen: Callable[[str], float] = lambda peer: 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """``last_seen(peer)``: when membership last heard from ``peer`` (same clock): a peer
+        that answers its probes again is retried at once instead of after its backoff."""
         self.store = store
         self.client = client
         self.pacer = pacer
+        self._last_seen = last_seen
         self._members = members
         self._discovery_done = discovery_done
         self._clock = clock
@@ -117,9 +126,7 @@ class OutboxDrainer:
                 seen_seq = self._wait_for_rows(seen_seq)
                 continue
             delivered, error = self.deliver(state.peer, rows)
-            self.store.outbox.complete_many(delivered)
-            metrics.OUTBOX_DELIVERED.inc(len(delivered))
-            state.delivered += len(delivered)
+            state.delivered += delivered
             if error is None:
                 if state.failures:
                     log.info("event=replication_peer_recovered peer=%s after_failures=%d",
@@ -132,7 +139,16 @@ class OutboxDrainer:
             state.retry_at = self._clock() + delay
             log.warning("event=replication_failed peer=%s failures=%d retry_in_s=%.0f error=%r",
                         state.peer, state.failures, delay, error[:300])
-            gevent.sleep(delay)
+            self._back_off(state)
+
+    def _back_off(self, state: PeerDelivery) -> None:
+        """Wait until ``state.retry_at``, or less once the peer answers a probe again."""
+        failed_at = self._clock()
+        while self._clock() < state.retry_at:
+            if self._last_seen(state.peer) > failed_at + BACKOFF_PROBE_MARGIN_S:
+                log.info("event=replication_retry_early peer=%s reason=peer_answers_again", state.peer)
+                return
+            gevent.sleep(min(BACKOFF_TICK_S, max(0.0, state.retry_at - self._clock())))
 
     def _wait_for_rows(self, seen_seq: int) -> int:
         """Sleep until some process of the node enqueued a row (the outbox sequence moved)."""
@@ -144,8 +160,15 @@ class OutboxDrainer:
             gevent.sleep(IDLE_POLL_S)
         return self.store.outbox.last_seq()
 
-    def deliver(self, peer: str, rows: list[tuple[bytes, dict]]) -> tuple[list[bytes], str | None]:
-        """Send ``rows`` to ``peer``; returns the row keys it acknowledged and the first error."""
+    def _complete(self, keys: list[bytes]) -> None:
+        """Delete acknowledged rows at once (each batch as its answer arrives, so the outbox
+        depth follows the delivery and a failure later in the window resends nothing)."""
+        if keys:
+            self.store.outbox.complete_many(keys)
+            metrics.OUTBOX_DELIVERED.inc(len(keys))
+
+    def deliver(self, peer: str, rows: list[tuple[bytes, dict]]) -> tuple[int, str | None]:
+        """Send ``rows`` to ``peer``; returns how many rows it acknowledged and the first error."""
         delivered: list[bytes] = []
         errors: list[str] = []
         puts: dict[str, list[bytes]] = {}
@@ -163,11 +186,13 @@ class OutboxDrainer:
             else:
                 log.error("event=outbox_row_unknown op=%r", op)
                 delivered.append(key)
-        if errors:
-            return delivered, errors[0]
-        batches, gone = self._batches(puts)
+        batches, gone = self._batches(puts) if not errors else ([], [])
         for hex_id in gone:  # deleted or evicted since: nothing left to send
             delivered.extend(puts[hex_id])
+        self._complete(delivered)
+        count = len(delivered)
+        if errors:
+            return count, errors[0]
 
         def send(batch: list[tuple[str, Located]]) -> None:
             try:
@@ -182,11 +207,13 @@ class OutboxDrainer:
             except (OSError, KuraError) as exc:  # a body vanished under us: the next round re-reads
                 errors.append(f"local read failed: {exc}")
                 return
-            for hex_id, _ in batch:
-                delivered.extend(puts[hex_id])
+            keys = [key for hex_id, _ in batch for key in puts[hex_id]]
+            self._complete(keys)
+            acknowledged.append(len(keys))
 
+        acknowledged: list[int] = []
         Pool(CONCURRENCY).map(send, batches)
-        return delivered, (errors[0] if errors else None)
+        return count + sum(acknowledged), (errors[0] if errors else None)
 
     def _batches(self, puts: dict[str, list[bytes]]) -> tuple[list[list[tuple[str, Located]]], list[str]]:
         batches: list[list[tuple[str, Located]]] = []

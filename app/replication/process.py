@@ -68,7 +68,8 @@ def main() -> None:
     membership = Membership(settings, client, mesh, resolver)
     bootstrapper = Bootstrapper(settings, store, client, mesh, offload=offload, pacer=pacer)
     drainer = OutboxDrainer(store, client, lambda: tuple(mesh.peers),
-                            lambda: mesh.initial_discovery_completed, pacer=pacer)
+                            lambda: mesh.initial_discovery_completed, pacer=pacer,
+                            last_seen=mesh.last_seen)
     membership.start()
     bootstrapper.start()
     drainer.start()

@@ -151,6 +151,11 @@ class MeshState:
         self.settle_until = now + self._settle_s
         self.serving = False
 
+    def last_seen(self, url: str) -> float:
+        """When ``url`` last answered a probe (this state's monotonic clock; 0: never)."""
+        peer = self.peers.get(url)
+        return peer.last_seen if peer is not None else 0.0
+
     def known_peers(self) -> dict[str, int]:
         """Admitted peers and when (for ``/_internal/status``)."""
         return {url: p.admitted_ms for url, p in self.peers.items()}
