@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Counter(
     "kura_http_requests_total", "HTTP requests by route template and status",
@@ -101,3 +101,25 @@ BOOTSTRAP_APPLIED = Counter(
 MEMBERSHIP_PEER_CHANGES = Counter(
     "kura_membership_peer_changes_total", "Peers discovered or lost by this node's membership",
     ["change"])
+
+
+# -- analytics webhooks (Kura's names) --------------------------------------------------
+ANALYTICS_EVENTS = Counter(
+    "kura_analytics_events_total", "Analytics events by pipeline (queue, xcode, gradle) and result "
+    "(enqueued, dropped, sent, delivery_error, circuit_open)", ["pipeline", "result"])
+ANALYTICS_BATCHES = Counter(
+    "kura_analytics_batches_total", "Analytics webhook batch sends by pipeline and result",
+    ["pipeline", "result"])
+ANALYTICS_BATCH_DURATION = Histogram(
+    "kura_analytics_batch_duration_seconds", "Analytics webhook batch send duration", ["pipeline"],
+    buckets=_KURA_BUCKETS)
+ANALYTICS_QUEUE_DEPTH = Gauge(
+    "kura_analytics_queue_depth", "Analytics events waiting to be sent", multiprocess_mode="livesum")
+ANALYTICS_QUEUE_CAPACITY = Gauge(
+    "kura_analytics_queue_capacity", "Analytics queue capacity", multiprocess_mode="livesum")
+ANALYTICS_CIRCUIT_STATE = Gauge(
+    "kura_analytics_circuit_state", "Analytics circuit breaker: 0 closed, 1 open, 2 half open",
+    ["pipeline"], multiprocess_mode="livemax")
+ANALYTICS_CIRCUIT_TRANSITIONS = Counter(
+    "kura_analytics_circuit_transitions_total", "Analytics circuit breaker transitions",
+    ["pipeline", "from", "to"])

@@ -94,6 +94,15 @@ class Settings:
     extension_enabled: bool = False
     extension_script_path: str = ""
     extension_hook_timeout_ms: int = 25
+    # Analytics webhooks (Kura's contract, for Tuist): both or neither of url and key.
+    analytics_server_url: str = ""
+    analytics_signing_key: str = field(default="", repr=False)
+    analytics_queue_capacity: int = 1000
+    analytics_batch_size: int = 100
+    analytics_batch_timeout_ms: int = 5000
+    analytics_request_timeout_ms: int = 5000
+    analytics_circuit_breaker_failure_threshold: int = 5
+    analytics_circuit_breaker_open_ms: int = 30_000
     # Every KURA_* variable: the per-id extension settings (signers, JWT verifiers, HTTP
     # clients) are parsed from it, and hook scripts read it with kura.env (tuist.lua reads
     # KURA_CONTROL_PLANE_* names, for example).
@@ -172,6 +181,15 @@ class Settings:
             "KURA_EXTENSION_ENABLED": ("extension_enabled", _parse_bool),
             "KURA_EXTENSION_SCRIPT_PATH": ("extension_script_path", _parse_str),
             "KURA_EXTENSION_HOOK_TIMEOUT_MS": ("extension_hook_timeout_ms", _positive),
+            "KURA_ANALYTICS_SERVER_URL": ("analytics_server_url", _parse_node_url),
+            "KURA_ANALYTICS_SIGNING_KEY": ("analytics_signing_key", _parse_str),
+            "KURA_ANALYTICS_QUEUE_CAPACITY": ("analytics_queue_capacity", _positive),
+            "KURA_ANALYTICS_BATCH_SIZE": ("analytics_batch_size", _positive),
+            "KURA_ANALYTICS_BATCH_TIMEOUT_MS": ("analytics_batch_timeout_ms", _positive),
+            "KURA_ANALYTICS_REQUEST_TIMEOUT_MS": ("analytics_request_timeout_ms", _positive),
+            "KURA_ANALYTICS_CIRCUIT_BREAKER_FAILURE_THRESHOLD": (
+                "analytics_circuit_breaker_failure_threshold", _positive),
+            "KURA_ANALYTICS_CIRCUIT_BREAKER_OPEN_MS": ("analytics_circuit_breaker_open_ms", _positive),
             "KURA_HTTP_WORKERS": ("http_workers", _parse_int),
             "KURA_WORKER_CONNECTIONS": ("worker_connections", _positive),
             "KURA_SEGMENT_MAX_BYTES": ("segment_max_bytes", _segment_size),
@@ -203,6 +221,9 @@ class Settings:
             if plain:
                 raise ConfigError("KURA_PEERS entries must be https:// URLs when KURA_INTERNAL_TLS_* "
                                   f"is set, got {plain[0]!r}")
+        if bool(self.analytics_server_url) != bool(self.analytics_signing_key):
+            raise ConfigError("KURA_ANALYTICS_SERVER_URL and KURA_ANALYTICS_SIGNING_KEY must be set "
+                              "together")
         ports = {"KURA_PORT": self.port, "KURA_GRPC_PORT": self.grpc_port,
                  "KURA_INTERNAL_PORT": self.internal_port}
         seen: dict[int, str] = {}
