@@ -37,7 +37,7 @@ def main() -> None:
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    node_state = NodeState(state_path(settings.data_dir))
+    node_state = NodeState(state_path(settings.resolved_run_dir))
     node_state.claim_slot(KIND_REPLICATOR)
     offload = cooperative_offload()
     store = ArtifactStore(settings, node_state=node_state, offload=offload)
