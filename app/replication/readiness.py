@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from app.state_files import StateFile, read_json, replace_json
+
 log = logging.getLogger("kura.replicator")
 SETTLE_S = 5.0
 
@@ -198,6 +200,7 @@ class Publisher:
         self.mesh = mesh
         self.node_state = node_state
         self.data_dir = data_dir
+        self._file = StateFile(mesh_path(data_dir))
         self._last = ""
         self._greenlet: Any = None
 
@@ -213,8 +216,8 @@ class Publisher:
         node.set("bootstrap_inflight", len(snapshot["bootstrap_inflight_peers"]))
         node.set("ready", int(serving and not node.draining))
         key = json.dumps({k: v for k, v in snapshot.items() if k != "written_ms"}, sort_keys=True)
-        if key != self._last:
-            publish(self.data_dir, snapshot)
+        # A failed write (a full disk) leaves _last as it was: written again next time.
+        if key != self._last and self._file.write(snapshot):
             self._last = key
 
     def start(self) -> None:
@@ -240,19 +243,12 @@ def mesh_path(data_dir: str) -> str:
 
 
 def publish(data_dir: str, snapshot: dict[str, Any]) -> None:
-    path = mesh_path(data_dir)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(snapshot, fh)
-    os.replace(tmp, path)
+    """Write the snapshot (raises OSError when it cannot be written)."""
+    replace_json(mesh_path(data_dir), snapshot)
 
 
 def read_snapshot(data_dir: str) -> dict[str, Any]:
-    try:
-        with open(mesh_path(data_dir)) as fh:
-            doc = json.load(fh)
-    except (FileNotFoundError, ValueError):
-        return {}
+    doc = read_json(mesh_path(data_dir))
     return doc if isinstance(doc, dict) else {}
 
 
