@@ -1,6 +1,7 @@
 """A full disk is backpressure (BudgetExhausted: 429 / RESOURCE_EXHAUSTED), never an OSError
 or an LMDB error that would become a 500; nothing partial is kept and writing resumes once
-space is freed. Real tmpfs filesystems filled with a ballast file, real LMDB."""
+space is freed. The state files the replicator publishes on the data disk are written again
+once it can. Real tmpfs filesystems filled with a ballast file, real LMDB."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,9 @@ from typing import Iterator
 import pytest
 
 from app.errors import BudgetExhausted
+from app.members import MembersPublisher, read_members
+from app.node_state import NodeState
+from app.replication.readiness import MeshState, Publisher, read_snapshot
 from app.settings import Settings
 from app.storage.multipart import MultipartUploads
 from app.storage.store import ArtifactStore
@@ -115,3 +119,33 @@ def test_segment_append_on_a_full_disk_is_backpressure_and_leaves_no_gap(
     located = store.lookup("gradle", "", "big")
     assert store.read_bytes(located) == b"b" * MIB
     assert located.manifest.offset == 1000  # failed appends did not leave holes behind
+
+
+def test_the_members_file_is_written_again_after_a_full_disk(tmp_path: Path) -> None:
+    """The replicator publishes the mesh members for every writer; a failed write (full data
+    disk) leaves the old list, no temporary file, and is retried at the next round."""
+    with tmpfs(tmp_path / "data", MIB) as data:
+        publisher = MembersPublisher(str(data))
+        publisher.publish(["http://a:7443"])
+        ballast = fill(data)
+        publisher.publish(["http://a:7443", "http://b:7443"])  # no room: not raised
+        assert read_members(str(data)) == ["http://a:7443"]
+        assert os.listdir(data / "run") == ["members.json"]
+        ballast.unlink()
+        publisher.publish(["http://a:7443", "http://b:7443"])  # unchanged since, written now
+        assert read_members(str(data)) == ["http://a:7443", "http://b:7443"]
+
+
+def test_the_mesh_snapshot_is_written_again_after_a_full_disk(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "data", MIB) as data:
+        node_state = NodeState(str(tmp_path / "node-state"))
+        mesh = MeshState("http://self:7443", settle_s=0.0)
+        publisher = Publisher(mesh, node_state, str(data))
+        ballast = fill(data)
+        publisher.publish()  # no room: not raised, the node state is published all the same
+        assert read_snapshot(str(data)) == {}
+        assert os.listdir(data / "run") == []  # no temporary file left
+        ballast.unlink()
+        publisher.publish()
+        assert read_snapshot(str(data))["generation"] == mesh.generation
+        node_state.close()
