@@ -92,8 +92,13 @@ def on_starting(server):
         sys.exit(1)
     _run_dir_prepared = True
     if _settings.extensions_active:
-        # Fail at start, naming the variable, rather than in every worker's boot.
+        # Fail at start, naming the variable, rather than in every worker's boot. Loading
+        # the hooks records metrics in this process too: their files reserve their pages.
+        from app import metric_files
+
+        metric_files.install()
         from app.extensions import Extensions
+
         try:
             Extensions.from_settings(_settings).close()
         except ConfigError as exc:

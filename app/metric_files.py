@@ -108,7 +108,3 @@ def install() -> None:
     cls.__init__ = _init  # type: ignore[method-assign]
     cls.read_value = _read_value  # type: ignore[method-assign]
     cls.write_value = _write_value  # type: ignore[method-assign]
-
-
-def installed() -> bool:
-    return mmap_dict.MmapedDict.write_value is _write_value

@@ -16,8 +16,10 @@ local and never replicated.
 Every step can fail (EIO, a full disk, a crash) and be run again: sealing, copying
 forward, marking the row ``evicting`` (commits into the segment are refused from then
 on), unlinking the file (space first: readers of what is left get a miss), dropping
-the index rows and manifests in batches, and deleting the row last. A segment file with
-no row left (a crash or an EIO between the last two) is removed by the sweep.
+the index rows and manifests in batches, and deleting the row last. A decided eviction
+(the row says ``evicting``) is finished at the next run whatever the capacity says then. A
+segment file without a row (a segment whose creation failed half way, or an eviction by an
+older version, which deleted the row before the file) is removed by the sweep.
 """
 from __future__ import annotations
 
@@ -111,7 +113,9 @@ class Evictor:
             except Exception:  # noqa: BLE001 - resumed by the next run
                 self._unfinished = True
                 attempts = self._failures[seg_id] = self._failures.get(seg_id, 0) + 1
-                log.exception("event=eviction_failed segment=%d attempts=%d", seg_id, attempts)
+                log.log(logging.ERROR if attempts == 1 else logging.WARNING,
+                        "event=eviction_failed segment=%d attempts=%d", seg_id, attempts,
+                        exc_info=attempts == 1)
                 if attempts < MAX_ATTEMPTS:
                     break
                 continue
@@ -133,8 +137,8 @@ class Evictor:
                 continue
             try:
                 self.evict_segment(seg_id, state)
-            except Exception:  # noqa: BLE001 - tried again at the next run
-                log.exception("event=eviction_failed segment=%d", seg_id)
+            except Exception as exc:  # noqa: BLE001 - tried again at the next run
+                log.warning("event=eviction_failed segment=%d error=%r", seg_id, str(exc))
                 done = False
         return done
 
@@ -302,10 +306,10 @@ class Evictor:
                     dropped += 1
 
     def sweep_orphans(self) -> bool:
-        """Unlink segment files that have no row (their eviction was cut between the row's
-        deletion and the unlink). A row is always written before its file is created, and
-        the files are listed before the rows are read, so a live segment is never taken.
-        Returns False when a file could not be removed (the next run tries again)."""
+        """Unlink segment files that have no row (see the module docstring). A row is always
+        written before its file is created, and the files are listed before the rows are read,
+        so a live segment is never taken. Returns False when a file could not be removed (the
+        next run tries again)."""
         directory = self.store.segments_dir
         names = {}
         for entry in os.scandir(directory):

@@ -247,7 +247,7 @@ class ArtifactStore:
 
     def flush_read_marks(self) -> None:
         """Write the pending read marks. A read never fails for them: when they cannot be
-        written (a full disk) they are dropped."""
+        written (a full disk, an I/O error) they are dropped."""
         pending, self._hot_pending = self._hot_pending, set()
         self._hot_flushed = self._clock()
         if not pending:
@@ -256,8 +256,8 @@ class ArtifactStore:
             with write_txn(self.env) as txn:
                 for aid in pending:
                     txn.put(aid, b"", db=self.dbs.hot)
-        except BudgetExhausted:
-            log.debug("event=read_marks_dropped count=%d reason=disk_full", len(pending))
+        except (BudgetExhausted, lmdb.Error) as exc:
+            log.debug("event=read_marks_dropped count=%d error=%r", len(pending), str(exc))
 
     # -- writes -------------------------------------------------------------------
     def check_write_budget(self) -> None:
