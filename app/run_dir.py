@@ -58,7 +58,7 @@ def prepare(run_dir: str, *, processes: int, data_dir: str, tmp_dir: str) -> Non
         raise RunDirError(f"cannot create the run directory {run_dir}: {exc.strerror}; {hint}") from exc
     device = os.stat(run_dir).st_dev
     for name, path in (("KURA_DATA_DIR", data_dir), ("KURA_TMP_DIR", tmp_dir)):
-        if os.path.isdir(path) and os.stat(path).st_dev == device:
+        if os.stat(_existing(path)).st_dev == device:
             raise RunDirError(
                 f"the run directory {run_dir} is on the same filesystem as {name} ({path}): its "
                 f"memory-mapped files would crash the node when artifacts fill that disk; {hint}")
@@ -71,6 +71,14 @@ def prepare(run_dir: str, *, processes: int, data_dir: str, tmp_dir: str) -> Non
             f"{needed // 1024} KiB; give it a larger memory filesystem (docker run --shm-size, a "
             f"Kubernetes emptyDir with medium: Memory) or {hint}")
     os.makedirs(prometheus_dir(run_dir), mode=0o700)
+
+
+def _existing(path: str) -> str:
+    """``path``, or its nearest ancestor that exists (where it will be created)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 def wipe(run_dir: str) -> None:
