@@ -103,6 +103,7 @@ def on_starting(server):
             Extensions.from_settings(_settings).close()
         except ConfigError as exc:
             sys.stderr.write(f"kura: invalid configuration: {exc}\n")
+            run_dir.remove(_run_dir)  # gunicorn does not call on_exit for a start that failed
             sys.exit(1)
     _node_state = NodeState.reset(state_path(_run_dir))
     _node_state.set("started_ms", int(time.time() * 1000))

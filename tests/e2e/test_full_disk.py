@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,21 @@ def test_the_node_refuses_a_run_directory_too_small_for_its_processes(
         node.start(wait=False)
         assert node.process.wait(30) == 1
     assert "KiB free, 11 processes need" in node.log()
+
+
+def test_the_run_directory_lives_in_memory_and_goes_with_the_node(
+        tmp_path: Path, node_factory) -> None:  # type: ignore[no-untyped-def]
+    node: Node = node_factory("node")
+    run = Path(node.run_dir)
+    assert run.parent == Path("/dev/shm") and sorted(os.listdir(run)) == ["node-state", "prometheus"]
+    assert not (node.data_dir / "run" / "prometheus").exists()
+    node.signal(signal.SIGTERM)
+    assert node.process.wait(30) == 0
+    assert not run.exists(), "the master removes it at exit"
+
+    broken = tmp_path / "broken.lua"
+    broken.write_text("function authenticate(ctx) return {")  # does not load: the start fails
+    failing: Node = node_factory("failing", start=False, KURA_EXTENSION_SCRIPT_PATH=str(broken))
+    failing.start(wait=False)
+    assert failing.process.wait(30) == 1
+    assert not Path(failing.run_dir).exists(), "a start that failed leaves nothing in memory"
