@@ -71,6 +71,9 @@ class Settings:
     region: str = "local"
     data_dir: str = "./data"
     tmp_dir: str = ""  # default: <data_dir>/tmp
+    # kura-py: where the memory-mapped files live (``app.run_dir``); the gunicorn master
+    # always sets it (default /dev/shm/kura-<id>) for the processes it starts.
+    run_dir: str = ""
     node_url: str = ""  # default: http://<hostname>:<internal_port>
     peers: tuple[str, ...] = ()
     discovery_dns_name: str = ""
@@ -115,6 +118,12 @@ class Settings:
                     and self.internal_tls_key_path)
 
     @property
+    def resolved_run_dir(self) -> str:
+        """The node's per-run directory. A process the gunicorn master did not start (a test
+        opening a store in-process) uses ``<data_dir>/run``."""
+        return self.run_dir or os.path.join(self.data_dir, "run")
+
+    @property
     def resolved_node_url(self) -> str:
         scheme = "https" if self.internal_tls else "http"
         return self.node_url or f"{scheme}://{socket.gethostname()}:{self.internal_port}"
@@ -147,6 +156,7 @@ class Settings:
             "KURA_REGION": ("region", _parse_str),
             "KURA_DATA_DIR": ("data_dir", _parse_path),
             "KURA_TMP_DIR": ("tmp_dir", _parse_path),
+            "KURA_RUN_DIR": ("run_dir", _parse_path),
             "KURA_NODE_URL": ("node_url", _parse_node_url),
             "KURA_PEERS": ("peers", _parse_urls),
             "KURA_DISCOVERY_DNS_NAME": ("discovery_dns_name", _parse_str),

@@ -13,6 +13,8 @@ from pathlib import Path
 import requests
 
 from app.drain import STOP_GRACE_S
+from app.run_dir import default_run_dir
+from app.run_dir import remove as remove_run_dir
 from bench.proctree import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,6 +71,11 @@ class Node:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def run_dir(self) -> str:
+        """The node's per-run directory (node state, Prometheus files), as its master chose it."""
+        return self.env.get("KURA_RUN_DIR") or default_run_dir(str(self.data_dir))
 
     @property
     def grpc_target(self) -> str:
@@ -183,6 +190,7 @@ class Node:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        remove_run_dir(self.run_dir)  # what a killed master could not remove (it is in memory)
         return self.process.returncode
 
 
