@@ -1,0 +1,201 @@
+"""Lua hooks on the real node (``gunicorn -c gunicorn.conf.py``) under load and abuse.
+
+A hook stuck in one C call, a CPU-heavy hook under 40 concurrent clients, and 40
+clients building big strings: the node keeps answering, good requests are allowed,
+and a worker's Lua memory stays within its budget.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from tests.extensions.conftest import CPU_HOOK, lua_iterations_for
+from tests.nodes import Node
+
+CAS = "/api/cache/cas/blob1?tenant_id=default"
+# The issue's example: string.find backtracks for far longer than any test runs.
+STUCK = 'local s = string.rep("a", 3000); s:find(".-.-.-.-b")'
+
+
+def _hooked_node(node_factory, tmp_path: Path, script: str, **env: str) -> Node:  # type: ignore[no-untyped-def]
+    path = tmp_path / "hooks.lua"
+    path.write_text(script)
+    return node_factory(KURA_EXTENSION_SCRIPT_PATH=str(path), **env)
+
+
+def _worker_pid(node: Node) -> int:
+    (pid,) = node.children()["worker"]
+    return pid
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class UpProbe:
+    """Polls ``/up`` (and optionally a hooked read) in the background; records every failure."""
+
+    def __init__(self, node: Node, *, hooked_token: str | None = None, timeout_s: float = 2.0) -> None:
+        self.node = node
+        self.hooked_token = hooked_token
+        self.timeout_s = timeout_s
+        self.answers = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "UpProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        with requests.Session() as session:
+            while not self._stop.is_set():
+                try:
+                    r = session.get(self.node.url + "/up", timeout=self.timeout_s)
+                    if r.status_code != 200:
+                        self.failures.append(f"/up {r.status_code}")
+                    if self.hooked_token is not None:
+                        r = session.get(self.node.url + CAS, timeout=self.timeout_s,
+                                        headers={"Authorization": f"Bearer {self.hooked_token}"})
+                        if r.status_code != 200:
+                            self.failures.append(f"read {r.status_code}")
+                    self.answers += 1
+                except requests.RequestException as exc:
+                    self.failures.append(type(exc).__name__)
+                time.sleep(0.05)
+
+
+STUCK_SCRIPT = f"""
+function authenticate(ctx)
+  if ctx.headers.authorization == "Bearer stuck" then {STUCK} end
+  return {{ principal = {{ id = "ok", kind = "user" }}, ttl_seconds = 0 }}
+end"""
+
+
+def test_a_hook_stuck_in_a_c_call_fails_closed_while_the_worker_keeps_serving(node_factory, tmp_path) -> None:
+    node = _hooked_node(node_factory, tmp_path, STUCK_SCRIPT, KURA_HTTP_WORKERS="1")
+    good = {"Authorization": "Bearer good"}
+    assert requests.post(node.url + CAS, data=b"x", headers=good).status_code == 204
+    worker = _worker_pid(node)
+    with UpProbe(node, hooked_token="good") as probe:
+        time.sleep(0.3)
+        started = time.monotonic()
+        r = requests.get(node.url + CAS, headers={"Authorization": "Bearer stuck"}, timeout=10)
+        elapsed = time.monotonic() - started
+        time.sleep(1.0)  # the abandoned call still spins on its own thread meanwhile
+    assert (r.status_code, r.json()) == (401, {"message": "Authentication failed"})
+    assert elapsed < 1.0
+    assert probe.failures == [] and probe.answers >= 10
+    assert _worker_pid(node) == worker  # one stuck call is below the bound: no restart
+
+
+def test_stuck_hooks_at_the_bound_get_the_worker_replaced(node_factory, tmp_path) -> None:
+    node = _hooked_node(node_factory, tmp_path, STUCK_SCRIPT, KURA_HTTP_WORKERS="1",
+                        KURA_EXTENSION_MAX_ABANDONED_HOOKS="1")
+    worker = _worker_pid(node)
+    # Connection: close, or the stopping worker waits for this client's idle keep-alive connection.
+    r = requests.get(node.url + CAS, headers={"Authorization": "Bearer stuck", "Connection": "close"}, timeout=10)
+    assert r.status_code == 401
+    # The worker asked to be replaced: its stuck thread can only end with the process.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and node.children()["worker"] in ([], [worker]):
+        time.sleep(0.1)
+    (replacement,) = node.children()["worker"]
+    assert replacement != worker
+    node.wait_for(node.url + "/up", timeout=10)
+    assert requests.get(node.url + CAS, headers={"Authorization": "Bearer good"}, timeout=5).status_code == 404
+    assert "event=extension_abandoned_limit abandoned=1 action=restart_process" in node.log()
+
+
+CLIENTS = 40
+REQUESTS_PER_CLIENT = 6
+
+
+def test_a_3ms_hook_is_allowed_for_40_concurrent_clients(node_factory, tmp_path) -> None:
+    script = CPU_HOOK.format(iterations=lua_iterations_for(0.003))
+    node = _hooked_node(node_factory, tmp_path, script)  # 2 workers, 25 ms hook timeout
+    assert requests.post(node.url + CAS, data=b"payload", headers={"Authorization": "Bearer w"}).status_code == 204
+
+    def client(index: int) -> list[int]:
+        with requests.Session() as session:
+            # A new token per request: no decision cache hit, no coalescing; every request runs the hook.
+            return [session.get(node.url + CAS, headers={"Authorization": f"Bearer c{index}-{n}"},
+                                timeout=30).status_code for n in range(REQUESTS_PER_CLIENT)]
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        statuses = [status for answers in pool.map(client, range(CLIENTS)) for status in answers]
+    allowed = statuses.count(200)
+    print(f"\n3 ms hook, {CLIENTS} clients: {allowed}/{len(statuses)} allowed")
+    assert allowed == len(statuses) == CLIENTS * REQUESTS_PER_CLIENT
+
+
+BIG_STRING_SCRIPT = """
+function authenticate(ctx)
+  local token = ctx.headers.authorization
+  if token ~= "Bearer warm" then
+    local s = string.rep("x", 12 * 1024 * 1024) .. token
+    local n = 0
+    for i = 1, 1000000 do n = n + 1 end  -- some Lua work while holding 24 MiB
+    token = token .. #s .. n
+  end
+  return { principal = { id = token, kind = "user" }, ttl_seconds = 0 }
+end"""
+LUA_BUDGET = 64 * 1024 * 1024
+# Beyond the Lua budget: the 40 requests' own buffers and greenlets, malloc's
+# bookkeeping and what a strings' copy costs while it is being made.
+RSS_SLACK = 48 * 1024 * 1024
+
+
+def test_lua_memory_of_a_worker_stays_within_its_budget(node_factory, tmp_path) -> None:
+    # Building 2 × 12 MiB takes tens of ms of CPU (page faults included): a 500 ms timeout.
+    node = _hooked_node(node_factory, tmp_path, BIG_STRING_SCRIPT, KURA_HTTP_WORKERS="1",
+                        KURA_EXTENSION_MEMORY_LIMIT_BYTES=str(LUA_BUDGET), KURA_EXTENSION_HOOK_TIMEOUT_MS="500",
+                        KURA_EXTENSION_HOOK_IO_BUDGET_MS="1000")  # calls wait for memory up to 3 s
+    worker = _worker_pid(node)
+    warm = {"Authorization": "Bearer warm"}
+    assert requests.post(node.url + CAS, data=b"x", headers=warm).status_code == 204
+    with ThreadPoolExecutor(8) as pool:  # warm the worker up: imports, a few Lua states
+        list(pool.map(lambda _: requests.get(node.url + CAS, headers=warm), range(40)))
+    baseline = _rss_bytes(worker)
+    peak = [baseline]
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            peak[0] = max(peak[0], _rss_bytes(worker))
+            time.sleep(0.02)
+
+    def client(index: int) -> int:
+        return requests.get(node.url + CAS, headers={"Authorization": f"Bearer c{index}"}, timeout=30).status_code
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    with UpProbe(node) as probe, ThreadPoolExecutor(CLIENTS) as pool:
+        statuses = list(pool.map(client, range(CLIENTS)))
+    sampling.set()
+    sampler.join()
+    time.sleep(1.0)
+    after = _rss_bytes(worker)
+    mib = 1024 * 1024
+    print(f"\nworker RSS: baseline {baseline // mib} MiB, peak {peak[0] // mib} MiB, after {after // mib} MiB; "
+          f"allowed {statuses.count(200)}/{len(statuses)}")
+    # The budget fits one such call at a time: they are served one by one, and those that
+    # cannot get the memory within the wait bound fail closed (401).
+    assert set(statuses) <= {200, 401} and statuses.count(200) >= 1
+    assert probe.failures == []
+    assert peak[0] - baseline <= LUA_BUDGET + RSS_SLACK
+    assert after - baseline <= 16 * mib  # freed Lua memory went back to the OS
+    assert _worker_pid(node) == worker
