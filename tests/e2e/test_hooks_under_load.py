@@ -11,10 +11,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import requests
 
+from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from tests.e2e.test_node_reapi import wait_serving
 from tests.extensions.conftest import CPU_HOOK, lua_iterations_for
 from tests.nodes import Node
+from tests.reapi.reapi_client import Reapi
 
 CAS = "/api/cache/cas/blob1?tenant_id=default"
 # The issue's example: string.find backtracks for far longer than any test runs.
@@ -85,7 +89,16 @@ function authenticate(ctx)
 end"""
 
 
-def test_a_hook_stuck_in_a_c_call_fails_closed_while_the_worker_keeps_serving(node_factory, tmp_path) -> None:
+def _find_missing(client: Reapi, token: str) -> grpc.StatusCode:
+    try:
+        client.cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(instance_name="default"),
+                                    metadata=[("authorization", f"Bearer {token}")], timeout=10)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_a_hook_stuck_in_a_c_call_fails_closed_while_the_node_keeps_serving(node_factory, tmp_path) -> None:
     node = _hooked_node(node_factory, tmp_path, STUCK_SCRIPT, KURA_HTTP_WORKERS="1")
     good = {"Authorization": "Bearer good"}
     assert requests.post(node.url + CAS, data=b"x", headers=good).status_code == 204
@@ -100,6 +113,16 @@ def test_a_hook_stuck_in_a_c_call_fails_closed_while_the_worker_keeps_serving(no
     assert elapsed < 1.0
     assert probe.failures == [] and probe.answers >= 10
     assert _worker_pid(node) == worker  # one stuck call is below the bound: no restart
+
+    # The REAPI process (plain threads): the stuck call is refused, the next ones are served.
+    client = wait_serving(int(node.env["KURA_GRPC_PORT"]))
+    try:
+        started = time.monotonic()
+        assert _find_missing(client, "stuck") == grpc.StatusCode.UNAUTHENTICATED
+        assert time.monotonic() - started < 1.0
+        assert [_find_missing(client, "good") for _ in range(5)] == [grpc.StatusCode.OK] * 5
+    finally:
+        client.close()
 
 
 def test_stuck_hooks_at_the_bound_get_the_worker_replaced(node_factory, tmp_path) -> None:
