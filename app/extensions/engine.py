@@ -25,7 +25,7 @@ log = logging.getLogger("kura.extensions")
 # Query parameters that name the request target (tuist.lua falls back to them
 # when ctx.tenant_id / ctx.namespace_id are empty), so they are part of the key.
 TARGET_QUERY_PARAMS = ("tenant_id", "account_handle", "namespace_id", "project_handle")
-SCRIPT_LOAD_TIMEOUT_S = 2.0  # CPU time to load the script into a new state
+SCRIPT_LOAD_TIMEOUT_S = 1.0  # CPU time to load the script into a new state
 WALL_SLACK_S = 2.0  # a hook call is abandoned after its I/O budget + this much wall-clock time
 
 
@@ -51,7 +51,7 @@ class Extensions:
         self._budget = MemoryBudget(config.memory_limit_bytes, config.runtime_pool_size)
         self._pool = RuntimePool(
             self._new_sandbox, self._budget, max_size=config.runtime_pool_size,
-            acquire_timeout_s=self._wall_limit_s(), load_timeout_s=max(SCRIPT_LOAD_TIMEOUT_S, config.hook_timeout_s),
+            acquire_timeout_s=self._wall_limit_s(), load_timeout_s=self._load_timeout_s(),
             wall_limit_s=self._wall_limit_s(), max_abandoned=config.max_abandoned_hooks,
             on_abandoned_limit=on_abandoned_limit)
         try:
@@ -65,9 +65,10 @@ class Extensions:
         self._authz_cache: DecisionCache[AuthorizeOutcome] = DecisionCache(
             "authorize", config.cache_max_entries, clock)
         self._flights = SingleFlight()
-        log.info("event=extension_loaded script=%s sha256=%s hooks=%s pool_size=%d timeout_ms=%d",
-                 config.script_path, self._script_digest[:12], ",".join(sorted(self.hooks)) or "none",
-                 config.runtime_pool_size, int(config.hook_timeout_s * 1000))
+        log.info("event=extension_loaded script=%s sha256=%s hooks=%s pool_size=%d timeout_ms=%d "
+                 "memory_limit_bytes=%d", config.script_path, self._script_digest[:12],
+                 ",".join(sorted(self.hooks)) or "none", config.runtime_pool_size, int(config.hook_timeout_s * 1000),
+                 config.memory_limit_bytes)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, clock: Callable[[], float] = time.monotonic,
@@ -229,13 +230,16 @@ class Extensions:
     def _new_sandbox(self, limit_bytes: int) -> LuaSandbox:
         """Runs on a runner's own thread (``runner.py``)."""
         return LuaSandbox(self._source, _chunkname(self.config.script_path), self._host,
-                          limit_bytes=limit_bytes, load_timeout_s=max(SCRIPT_LOAD_TIMEOUT_S, self.config.hook_timeout_s))
+                          limit_bytes=limit_bytes, load_timeout_s=self._load_timeout_s())
 
     def _record_failure(self, exc: HookFailed) -> None:
         if exc.reason == "invalid_result":
             metrics.HOOKS.labels(hook=exc.hook, result="invalid").inc()
         line = f" line={exc.line}" if exc.line is not None else ""
         log.warning("event=extension_hook_failed hook=%s reason=%s%s", exc.hook, exc.reason, line)
+
+    def _load_timeout_s(self) -> float:
+        return max(SCRIPT_LOAD_TIMEOUT_S, self.config.hook_timeout_s)
 
     def _wall_limit_s(self) -> float:
         # A backstop only: calls are cut by their CPU time; I/O by the I/O budget.

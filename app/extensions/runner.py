@@ -153,9 +153,12 @@ class LuaRunner:
         return job.wait(self, wall_limit_s)
 
     def stop(self) -> None:
-        """Ask an idle runner to close its state and end."""
+        """Ask an idle runner to close its state and end (a no-op for one that has ended)."""
         self._job = None
-        self._go.release()
+        try:
+            self._go.release()
+        except RuntimeError:  # already released: the runner is on its way out
+            pass
 
     def memory_used(self) -> int:
         """Bytes its Lua state holds now (0 before it is loaded or once it is closed)."""
