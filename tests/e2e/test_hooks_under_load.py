@@ -98,7 +98,7 @@ def _find_missing(client: Reapi, token: str) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def test_stuck_hooks_fail_closed_the_node_keeps_serving_and_at_the_bound_the_worker_is_replaced(
+def test_stuck_hooks_fail_closed_the_node_keeps_serving_and_at_the_bound_the_process_is_replaced(
         node_factory, tmp_path) -> None:
     node = _hooked_node(node_factory, tmp_path, STUCK_SCRIPT, KURA_HTTP_WORKERS="1")  # bound: 2 per process
     good = {"Authorization": "Bearer good"}
@@ -117,13 +117,26 @@ def test_stuck_hooks_fail_closed_the_node_keeps_serving_and_at_the_bound_the_wor
     assert probe.failures == [] and probe.answers >= 10
     assert _worker_pid(node) == worker  # one stuck call is below the bound: no restart
 
-    # The REAPI process (plain threads): the stuck call is refused, the next ones are served.
-    client = wait_serving(int(node.env["KURA_GRPC_PORT"]))
+    # The REAPI process (plain threads): the stuck call is refused, the next ones are served;
+    # at the bound it is replaced too (the master restarts it).
+    port = int(node.env["KURA_GRPC_PORT"])
+    client = wait_serving(port)
+    reapi = node.children()["reapi"]
     try:
         started = time.monotonic()
         assert _find_missing(client, "stuck") == grpc.StatusCode.UNAUTHENTICATED
         assert time.monotonic() - started < 1.0
         assert [_find_missing(client, "good") for _ in range(5)] == [grpc.StatusCode.OK] * 5
+        assert _find_missing(client, "stuck") == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        client.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and node.children()["reapi"] in ([], reapi):
+        time.sleep(0.1)
+    assert node.children()["reapi"] not in ([], reapi)
+    client = wait_serving(port)
+    try:
+        assert _find_missing(client, "good") == grpc.StatusCode.OK
     finally:
         client.close()
 
