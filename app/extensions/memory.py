@@ -23,27 +23,32 @@ the memory not guaranteed to others (``exclusive``): a memory-hungry hook is
 served one call at a time instead of being refused. Otherwise, or if that
 fails too, the hook fails (closed for authenticate/authorize).
 
-Giving memory back: Lua frees through lupa's allocator into glibc's malloc,
-which keeps freed blocks in its arenas (one per thread that allocated, and the
-hook threads are threads) for reuse: the process RSS does not drop by itself.
-``give_back_to_os`` asks glibc to return free pages (``malloc_trim``), which
-releases the unused pages inside every arena, not only at the top. Python's
-own objects (pymalloc's small-object arenas) are not affected; big strings a
-hook hands to Python are plain malloc blocks and are.
+Values Python hands to Lua (the request's ``ctx``, host function results) are
+built while the limit is lifted (``sandbox.py``) and count against the state
+afterwards: they may push it past its grant by their own size, which the
+request and response size limits bound.
+
+Giving memory back: Lua allocates through lupa's allocator, that is glibc's
+malloc/realloc/free. A block above the mmap threshold goes back to the OS when
+freed, but glibc then raises the threshold (up to 32 MiB), so later big strings
+come from its arenas (one per thread that allocates, up to 8 per core), which
+keep freed memory for reuse: RSS does not drop by itself. ``give_back_to_os``
+calls ``malloc_trim(0)``, which releases the free pages inside every arena,
+not only at the top. Pages still partly in use stay, and Python's own small
+objects live in pymalloc arenas that are returned only when wholly empty; so
+"given back" means the process RSS returns to within a few MiB of where it
+was before the traffic, while its virtual size may stay larger.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Hashable, Iterator
 
 from app.extensions import native
-
-log = logging.getLogger("kura.extensions")
 
 MIB = 1024 * 1024
 EXCLUSIVE_POLL_S = 0.005

@@ -293,15 +293,6 @@ class LuaSandbox:
     def _lift(self) -> None:
         self.lua.set_max_memory(0)
 
-    @contextmanager
-    def unlimited(self) -> Iterator[None]:
-        """No limit while Python builds Lua values (see the module docstring)."""
-        self._lift()
-        try:
-            yield
-        finally:
-            self._arm()
-
 
 def _run_in_place(fn: Callable[[], Any]) -> Any:
     return fn()
