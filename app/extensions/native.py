@@ -12,8 +12,28 @@ from __future__ import annotations
 
 import _thread
 import sys
+import threading
 import time
 from typing import Any, Callable
+
+
+def _gevent_patched() -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("threading")
+
+
+def wake_signal() -> Any:
+    """A counter a runner thread releases and its waiter acquires (with a timeout).
+
+    In a gevent-patched process the waiter is a greenlet: a gevent ``Semaphore``,
+    which gevent supports releasing from another thread (it wakes the waiter's
+    loop; ``gevent.event.Event`` is documented not to). Otherwise a plain one.
+    """
+    if _gevent_patched():
+        from gevent.lock import Semaphore
+
+        return Semaphore(0)
+    return threading.Semaphore(0)
 
 
 def _original(name: str) -> Any:

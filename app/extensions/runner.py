@@ -22,9 +22,9 @@ the REAPI process) hands the call to an idle runner and waits for it:
   the sockets belong to the worker's gevent loop and must not be touched from
   another thread.
 
-Waiters block on ``threading.Event`` as the process has it: gevent-patched
-(cooperative, and woken safely from another thread) in an HTTP worker, a
-plain one in the REAPI process. Runners block on real locks only.
+Waiters block on ``native.wake_signal()``: a gevent semaphore in an HTTP worker
+(cooperative, and released safely from another thread), a plain one in the
+REAPI process. Runners block on real locks only.
 
 After a call that grew its state the runner collects the state's garbage and
 settles its share of the process's memory budget (``memory.py``); a state that
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
@@ -82,7 +81,7 @@ class Job:
         self.what = what
         self.fn = fn
         self.cpu_timeout_s = cpu_timeout_s
-        self.wake = threading.Event()  # as patched (or not) in this process
+        self.wake = native.wake_signal()  # released by the runner: finished, or a host request
         self.requests: collections.deque[_HostRequest] = collections.deque()
         self.finished = False
         self.value: Any = None
@@ -94,7 +93,6 @@ class Job:
         wall_deadline = time.monotonic() + wall_limit_s
         try:
             while True:
-                self.wake.clear()
                 self._serve_requests()
                 if self.finished:
                     break
@@ -105,7 +103,7 @@ class Job:
                                 self.what, int(runner.cpu_used(self) * 1000), wall_left <= 0)
                     raise HookFailed(self.what, "timeout")
                 # CPU time cannot pass faster than wall time: nothing to check before then.
-                self.wake.wait(max(0.001, min(cpu_left, wall_left)))
+                self.wake.acquire(timeout=max(0.001, min(cpu_left, wall_left)))
         except BaseException:
             runner.abandon(self)  # the waiter itself was interrupted: nobody wants the result
             raise
@@ -215,7 +213,7 @@ class LuaRunner:
                     job.value, job.error, job.finished = value, error, True
             if abandoned:
                 break
-            job.wake.set()
+            job.wake.release()
             if self._freed_bytes >= GIVE_BACK_AFTER_BYTES:
                 give_back_to_os()
             if self.retiring:
@@ -246,7 +244,7 @@ class LuaRunner:
             if self.abandoned or job is None:
                 raise HostError("the hook call was abandoned")
             job.requests.append(request)
-        job.wake.set()
+        job.wake.release()
         request.answered.acquire()
         if request.error is not None:
             raise request.error
