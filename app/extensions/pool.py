@@ -59,7 +59,6 @@ class RuntimePool:
         self._closed = False
         self._limit_reported = False
         self.abandoned = 0
-        self.created = 0
 
     def start(self) -> frozenset[str]:
         """Create and load the first runner; returns the hooks the script defines."""
@@ -95,8 +94,6 @@ class RuntimePool:
         except BaseException:
             runner.stop()  # a runner whose load failed has ended already; a no-op then
             raise
-        with self._lock:
-            self.created += 1
         return runner, hooks
 
     def _checkin(self, runner: LuaRunner) -> None:
@@ -146,10 +143,6 @@ class RuntimePool:
     def abandoned_limit_reached(self) -> None:
         log.error("event=extension_abandoned_limit abandoned=%d action=restart_process", self.abandoned)
         self._on_abandoned_limit()
-
-    def idle_count(self) -> int:
-        with self._lock:
-            return len(self._idle)
 
     def close(self) -> None:
         """End every idle runner now; busy ones end when their call returns."""
