@@ -71,9 +71,13 @@ local function hook()
 end
 sethook(hook, "", checks)
 
--- A script must not be able to swallow the deadline error.
+-- A script must not be able to swallow the deadline error, nor go on with the
+-- memory limit lifted after an error inside a host function.
 local function rethrow(ok, ...)
-  if not ok and check_deadline() then error(TIMEOUT, 0) end
+  if not ok then
+    if check_deadline() then error(TIMEOUT, 0) end
+    arm()
+  end
   return ok, ...
 end
 pcall = function(f, ...) return rethrow(rawpcall(f, ...)) end
@@ -87,6 +91,7 @@ end
 local function unwrap(ok, ...)
   if not ok then
     if check_deadline() then error(TIMEOUT, 0) end
+    arm()
     error((...), 0)
   end
   return ...
@@ -125,23 +130,19 @@ local function invoke(f, a, b)
   return ok, value
 end
 
--- Host functions: Python callables stay upvalues of these closures. Python
--- answers (true, {value}) or (false, {message}), built while the limit is lifted.
-local function host(py_fn)
-  return function(...)
-    lift()
-    local ok, box = py_fn(...)
-    arm()
-    if not ok then error(box[1], 2) end
-    return box[1]
-  end
+-- Host functions: Python callables stay upvalues of these closures. Python is
+-- called with the limit lifted and answers (true, {value}) or (false, {message}).
+local function answer(ok, box)
+  arm()
+  if not ok then error(box[1], 3) end
+  return box[1]
 end
 return function(py_sign, py_jwt, py_http, py_env)
   kura = {
-    sign_hmac_base64 = host(py_sign),
-    jwt_verify = host(py_jwt),
-    http_json = host(py_http),
-    env = host(py_env),
+    sign_hmac_base64 = function(id, payload) lift(); return answer(py_sign(id, payload)) end,
+    jwt_verify = function(id, token) lift(); return answer(py_jwt(id, token)) end,
+    http_json = function(id, request) lift(); return answer(py_http(id, request)) end,
+    env = function(key) lift(); return answer(py_env(key)) end,
   }
   local function loader(script)
     local fn, err = rawload(script[1], script[2], "t")
