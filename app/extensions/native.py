@@ -1,8 +1,8 @@
 """Real OS-thread primitives, also in a process gevent has monkey-patched.
 
 Hook calls run on OS threads of their own (``runner.py``). Those threads must
-block on real locks, and the code that waits for them must know the thread's
-real id to read its CPU clock. In an HTTP worker ``_thread`` and ``threading``
+block on real locks, the code that waits for them must know the thread's real
+id to read its CPU clock, and they wake their waiter with ``wake_signal()``. In an HTTP worker ``_thread`` and ``threading``
 are patched into greenlet versions, so the originals are taken from
 ``gevent.monkey`` there; in the REAPI process (no gevent) they are the plain
 modules. gevent is only consulted when it is already imported: this module
