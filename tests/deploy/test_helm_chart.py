@@ -213,6 +213,29 @@ def test_the_old_chart_keys_fail_naming_their_new_names(old: dict[str, Any], new
     assert "removed in chart 0.2.0" in error and new in error
 
 
+def test_nulling_a_value_fails_unless_null_means_the_node_default() -> None:
+    """Helm drops a key set to null; a template would then read nothing (an empty tenant
+    becomes the node's "default" tenant), so the schema requires such keys."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    checked = 0
+    for path, sub in schema_keys():
+        default: Any = defaults
+        for part in path.split("."):
+            default = default.get(part) if isinstance(default, dict) else None
+        types = sub.get("type", [])
+        if default is None or "null" in types or any("null" in alt.get("type", []) for alt in sub.get("anyOf", [])):
+            continue
+        *parents, leaf = path.split(".")
+        values: dict[str, Any] = {}
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = None
+        assert f"missing property '{leaf}'" in schema_error(values), path
+        checked += 1
+    assert checked > 40
+
+
 def test_kura_built_in_authorization_is_refused_rather_than_serving_everyone() -> None:
     for auth in ({"enabled": True}, {"tuistUrl": "https://tuist.dev"}):
         error = schema_error({"auth": auth})
@@ -224,7 +247,7 @@ def test_kura_keys_without_effect_are_accepted_and_named_after_install() -> None
     inert = [(path, sub) for path, sub in schema_keys() if sub.get("description", "").startswith("Kura only")]
     assert len(inert) >= 15
     default_env = container(statefulset())["env"]
-    sample = {"integer": 7, "boolean": True, "string": "x"}
+    sample = {"integer": 0, "boolean": False, "string": "x"}  # set, though falsy
     for path, sub in inert:
         types = sub["type"] if isinstance(sub["type"], list) else [sub["type"]]
         values: dict[str, Any] = {}
@@ -378,9 +401,10 @@ def test_a_kura_values_file_installs_with_its_tenant_region_and_peer_mtls(tmp_pa
     assert env["KURA_OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == values["config"]["telemetry"]["otlpTracesEndpoint"]
     assert sts["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port-name"] == "http"
     assert one(docs, "ServiceAccount")["metadata"]["name"] == RELEASE
-    # Kura tuning the node has no use for is named, not silently dropped.
-    assert re.search(r"no effect on kura-py.*config\.fileDescriptors\.acquireTimeoutMs.*"
-                     r"config\.metadataStore\.maxOpenFiles", notes(values))
+    # Kura tuning the node has no use for is named, not silently dropped; null is "unset".
+    inert = re.search(r"no effect on kura-py.*: (.*)", notes(values)).group(1).split(", ")
+    assert "config.fileDescriptors.acquireTimeoutMs" in inert and "config.metadataStore.maxOpenFiles" in inert
+    assert "config.fileDescriptors.poolSize" not in inert and "config.memory.softLimitBytes" not in inert
 
 
 # --------------------------------------------------------------------------- rendered objects

@@ -139,7 +139,8 @@ node's default. This table is the one place a config.* key meets its variable.
 
 {{/*
 Kura settings that kura-py accepts in a values file but has no use for (see README.md,
-"Kura keys without effect"): the ones set, comma-separated, for NOTES.txt.
+"Kura keys without effect"): the ones set to something other than null, comma-separated,
+for NOTES.txt.
 */}}
 {{- define "kura.inertConfigKeys" -}}
 {{- $set := list -}}
@@ -154,7 +155,8 @@ Kura settings that kura-py accepts in a values file but has no use for (see READ
     "usage.networkPath" "geoip.refreshIntervalSecs" -}}
 {{- $parts := splitList "." $path -}}
 {{- $group := get $.Values.config (index $parts 0) -}}
-{{- if and (kindIs "map" $group) (hasKey $group (index $parts 1)) -}}
+{{- $key := index $parts 1 -}}
+{{- if and (kindIs "map" $group) (hasKey $group $key) (ne (get $group $key) nil) -}}
 {{- $set = append $set (printf "config.%s" $path) -}}
 {{- end -}}
 {{- end -}}
