@@ -44,6 +44,7 @@ def render(values: dict[str, Any] | None = None) -> list[Doc]:
 
 
 def notes(values: dict[str, Any] | None = None) -> str:
+    """The install notes Helm prints for ``values``."""
     return render_files(values)[f"{CHART.name}/templates/NOTES.txt"]
 
 
@@ -74,6 +75,7 @@ def pod_env(statefulset: Doc, ordinal: int) -> dict[str, str]:
 
 
 def schema() -> Doc:
+    """values.schema.json, parsed."""
     return json.loads((CHART / "values.schema.json").read_text())
 
 

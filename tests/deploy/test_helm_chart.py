@@ -20,7 +20,7 @@ import yaml
 
 from app.settings import Settings
 from tests.deploy.chart import (CHART, NAMESPACE, RELEASE, Doc, container, notes, one, pod_env, render,
-                                render_files, schema, schema_keys)
+                                render_files, schema_keys)
 
 # The chart's floor (Chart.yaml kubeVersion) and a current release: every rendered object
 # must be valid for both. kubernetes-validate ships the schemas (offline).
@@ -123,6 +123,7 @@ def node_setting_names() -> set[str]:
 
 
 def schema_error(values: dict[str, Any]) -> str:
+    """The message of the values-schema error Helm refuses ``values`` with."""
     with pytest.raises(helm_python.HelmValuesError) as caught:
         render_files(values)
     return str(caught.value)
