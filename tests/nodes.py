@@ -91,6 +91,7 @@ class Node:
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=REPO,
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+        STARTED.append(self)
         if wait:
             self.wait_ready(timeout)
         return self
@@ -192,6 +193,19 @@ class Node:
             pass
         remove_run_dir(self.run_dir)  # what a killed master could not remove (it is in memory)
         return self.process.returncode
+
+
+# Every node started; tests/conftest.py stops the ones a test started and left running,
+# so a failing or forgetful test never leaves nodes behind for the next ones.
+STARTED: list[Node] = []
+
+
+def stop_started_since(count: int) -> None:
+    """Stop every node started after the first ``count`` that is still running."""
+    leftovers, STARTED[count:] = STARTED[count:], []
+    for node in reversed(leftovers):
+        if node.process is not None and node.process.poll() is None:
+            node.stop(timeout=15)
 
 
 def make_node(base: Path, name: str = "node", **overrides: str) -> Node:

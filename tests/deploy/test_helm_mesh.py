@@ -4,11 +4,12 @@ The chart is rendered with the real Helm engine (helm-python-sdk, no binary), an
 StatefulSet's pods are then run for real: three nodes with exactly the environment the
 chart gives each pod (``$(POD_NAME)``/``$(POD_NAMESPACE)`` expanded as the kubelet does).
 The only local stand-ins are what a cluster provides: each pod's own loopback address,
-a data directory, and a DNS server answering for the headless Service and the pods'
+a data directory, its memory volume for the run directory, and a DNS server answering for the headless Service and the pods'
 names (``KURA_DISCOVERY_DNS_SERVER``) the way cluster DNS does.
 """
 from __future__ import annotations
 
+from app.run_dir import default_run_dir
 from app.settings import Settings
 from tests.deploy.chart import NAMESPACE, container, one, pod_env, render
 from tests.mesh import MeshNode, start, wait_until
@@ -52,7 +53,9 @@ def test_default_values_describe_a_mesh_that_becomes_ready(tmp_path, dns_server)
     for i, env in enumerate(envs):
         node = make_node(tmp_path, f"pod{i}")
         local = {k: v for k, v in node.env.items() if not k.startswith("KURA_")}
+        assert env["KURA_RUN_DIR"] == "/run/kura"  # the chart's memory emptyDir
         node.env = {**local, **env, "KURA_DATA_DIR": str(node.data_dir), "KURA_BIND_HOST": addresses[i],
+                    "KURA_RUN_DIR": default_run_dir(str(node.data_dir)),
                     "KURA_DISCOVERY_DNS_SERVER": f"127.0.0.1:{dns.port}",
                     "KURA_DRAIN_COMPLETION_TIMEOUT_MS": "5000"}
         members.append(MeshNode(f"pod{i}", node))
