@@ -91,7 +91,7 @@ class Node:
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=REPO,
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        STARTED.append(self)
+        STARTED_NODES.append(self)
         if wait:
             self.wait_ready(timeout)
         return self
@@ -197,12 +197,12 @@ class Node:
 
 # Every node started; tests/conftest.py stops the ones a test started and left running,
 # so a failing or forgetful test never leaves nodes behind for the next ones.
-STARTED: list[Node] = []
+STARTED_NODES: list[Node] = []
 
 
 def stop_started_since(count: int) -> None:
     """Stop every node started after the first ``count`` that is still running."""
-    leftovers, STARTED[count:] = STARTED[count:], []
+    leftovers, STARTED_NODES[count:] = STARTED_NODES[count:], []
     for node in reversed(leftovers):
         if node.process is not None and node.process.poll() is None:
             node.stop(timeout=15)
