@@ -16,7 +16,8 @@ from google.protobuf.message import DecodeError
 
 from app.errors import BadRequest, DigestMismatch, KuraError, NotFound
 from app.reapi.cache import ReapiCache
-from app.reapi.capabilities import MAX_BATCH_ENTRIES, MAX_BATCH_TOTAL_SIZE_BYTES
+from app.reapi.capabilities import (MAX_BATCH_ENTRIES, MAX_BATCH_TOTAL_SIZE_BYTES,
+                                    MAX_STATUS_MESSAGE_BYTES)
 from app.reapi.digests import BlobDigest, namespace_for, parse_digest, parse_digests
 from app.reapi.errors import status_for
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -30,9 +31,11 @@ MAX_PAGE_TOKEN = 10**12 - 1  # a position in the walk
 
 
 def _status(exc: BaseException | None = None) -> status_pb2.Status:
+    """A batch entry's status; its message is bounded (the send limit counts on it)."""
     if exc is None:
         return status_pb2.Status(code=grpc.StatusCode.OK.value[0])
     code, message = status_for(exc)
+    message = message.encode()[:MAX_STATUS_MESSAGE_BYTES].decode(errors="ignore")
     return status_pb2.Status(code=code.value[0], message=message)
 
 
