@@ -8,9 +8,11 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
 import requests
 
 from app.http_connections import EVICT_AFTER_S, RESERVE
+from app.settings import ConfigError, Settings
 from tests.http.raw_http import parse_answers, read_answer, read_until_closed
 
 LIMIT = 50
@@ -107,3 +109,11 @@ def test_when_every_connection_is_busy_probes_answer_and_the_rest_get_503(node_f
         assert read_answer(sock).status == 201
         sock.close()
     assert requests.get(f"{node.url}/api/cache/gradle/busy0?{T}", timeout=2).content == b"halfdone"
+
+
+def test_header_timeout_setting() -> None:
+    assert Settings.from_env({}).http_header_timeout_ms == 60_000
+    assert Settings.from_env({"KURA_HTTP_HEADER_TIMEOUT_MS": "2500"}).http_header_timeout_ms == 2500
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(ConfigError, match="KURA_HTTP_HEADER_TIMEOUT_MS"):
+            Settings.from_env({"KURA_HTTP_HEADER_TIMEOUT_MS": bad})
