@@ -24,6 +24,7 @@ timeout and /up stopped answering. Here:
 """
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections import OrderedDict
@@ -39,6 +40,10 @@ RESERVE = 16
 EVICT_AFTER_S = 1.0
 # A reserve connection's request head must arrive within this (or the header timeout).
 RESERVE_HEAD_TIMEOUT_S = 1.0
+# At most one log line per this many seconds says the limit was reached.
+LOG_EVERY_S = 10.0
+
+log = logging.getLogger("kura.http")
 
 
 @dataclass(eq=False)
@@ -72,6 +77,7 @@ class Admission:
     waiting: "OrderedDict[Any, _Wait]" = field(default_factory=OrderedDict)
     open: int = 0  # connections counted against the limit
     stopping: bool = False
+    _logged_at: float = float("-inf")
 
     @property
     def pool_size(self) -> int:
@@ -85,6 +91,10 @@ class Admission:
         if self.open > self.limit:
             self._evict(self.open - self.limit)
             conn.reserve = self.open > self.limit
+            if conn.reserve and time.monotonic() - self._logged_at > LOG_EVERY_S:
+                self._logged_at = time.monotonic()
+                log.warning("event=http_connection_limit_reached limit=%d connections=%d",
+                            self.limit, len(self.connections))
         return conn
 
     def close(self) -> None:
@@ -133,15 +143,24 @@ class Admission:
         for greenlet, wait in victims:
             wait.connection.counted = False
             self.open -= 1
-            self._interrupt_later(greenlet, wait)
+            self._interrupt_later(greenlet, wait, on_missed=self._recount)
 
-    def _interrupt_later(self, greenlet: Any, wait: _Wait) -> None:
+    def _recount(self, greenlet: Any, wait: _Wait) -> None:
+        """An eviction came too late (the head had arrived): the connection counts again."""
+        if self.connections.get(greenlet) is wait.connection and not wait.connection.counted:
+            wait.connection.counted = True
+            self.open += 1
+
+    def _interrupt_later(self, greenlet: Any, wait: _Wait,
+                         on_missed: Callable[[Any, _Wait], None] | None = None) -> None:
         """End ``wait`` from the event loop, unless it is over by then: an exception thrown
         into a greenlet that has meanwhile started serving its request would break it."""
 
         def interrupt() -> None:
             if self.waiting.get(greenlet) is wait:
                 greenlet.throw(wait.interrupt)
+            elif on_missed is not None:
+                on_missed(greenlet, wait)
 
         gevent.get_hub().loop.run_callback(interrupt)
 
@@ -200,13 +219,12 @@ class HeadWait:
         return True  # gunicorn then sees no request and closes the connection
 
     def _register(self, interrupt: BaseException) -> None:
+        """(Re)start this connection's wait, youngest last: once the first byte of a request
+        arrives on an idle keep-alive connection, the head is a new wait, not an old one."""
         waiting = self.admission.waiting
         current = getcurrent()
-        wait = waiting.get(current)
-        if wait is None:
-            waiting[current] = _Wait(self.conn, time.monotonic(), interrupt)  # type: ignore[arg-type]
-        else:
-            wait.interrupt = interrupt  # idle → head: same wait, same age
+        waiting.pop(current, None)
+        waiting[current] = _Wait(self.conn, time.monotonic(), interrupt)  # type: ignore[arg-type]
 
 
 def _buffered(unreader: Any) -> bool:
