@@ -20,8 +20,6 @@ bp = Blueprint("keyvalue", __name__)
 PRODUCER = "xcode"
 KEY_PREFIX = "action_cache/"
 CONTENT_TYPE = "application/json"
-
-
 INVALID = "Invalid key-value payload"
 
 
