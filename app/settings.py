@@ -103,6 +103,7 @@ class Settings:
     kura_env: Mapping[str, str] = field(default_factory=dict)
     http_workers: int = 0  # 0: one gevent worker per core
     worker_connections: int = 1000
+    http_header_timeout_ms: int = 60_000  # a request head must arrive within this (nginx: 60 s)
     segment_max_bytes: int = 512 * MIB
     lmdb_map_size: int = 64 * GIB
     log_level: str = "info"
@@ -184,6 +185,7 @@ class Settings:
             "KURA_EXTENSION_HOOK_TIMEOUT_MS": ("extension_hook_timeout_ms", _positive),
             "KURA_HTTP_WORKERS": ("http_workers", _parse_int),
             "KURA_WORKER_CONNECTIONS": ("worker_connections", _positive),
+            "KURA_HTTP_HEADER_TIMEOUT_MS": ("http_header_timeout_ms", _positive),
             "KURA_SEGMENT_MAX_BYTES": ("segment_max_bytes", _segment_size),
             "KURA_LMDB_MAP_SIZE": ("lmdb_map_size", _segment_size),
             "KURA_LOG_LEVEL": ("log_level", _parse_log_level),
