@@ -265,7 +265,7 @@ def _parse_node_url(name: str, raw: str) -> str:
 def _parse_host_port(name: str, raw: str) -> str:
     value = raw.strip()
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"{name} must be host:port, got {raw!r}")
     return value
 

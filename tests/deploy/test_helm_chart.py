@@ -45,7 +45,7 @@ EVERYTHING: dict[str, Any] = {
     "replicaCount": 4,
     "config": {
         "tenantId": "acme", "region": "eu-west-1", "logLevel": "debug", "httpWorkers": 4,
-        "workerConnections": 500, "tmpDirMaxBytes": 1 << 30, "casCapacityBytes": 50 << 30,
+        "workerConnections": 500, "httpHeaderTimeoutMs": 20_000, "tmpDirMaxBytes": 1 << 30, "casCapacityBytes": 50 << 30,
         "multipartUploadTtlMs": 3_600_000, "segmentMaxBytes": 64 << 20, "lmdbMapSize": 8 << 30,
         "extraSeedPeers": ["https://edge-0.example.net:7443"],
         "memory": {"maxKeyvalueBytes": 2 << 20},
@@ -318,6 +318,7 @@ def test_every_node_setting_has_a_chart_value(tmp_path: Path) -> None:
     config = EVERYTHING["config"]
     assert (settings.tenant_id, settings.region, settings.log_level) == ("acme", "eu-west-1", "debug")
     assert (settings.http_workers, settings.worker_connections) == (4, 500)
+    assert settings.http_header_timeout_ms == 20_000
     assert (settings.tmp_dir_max_bytes, settings.cas_capacity_bytes) == (1 << 30, 50 << 30)
     assert (settings.segment_max_bytes, settings.lmdb_map_size) == (64 << 20, 8 << 30)
     assert settings.multipart_upload_ttl_ms == 3_600_000

@@ -112,6 +112,7 @@ node's default. This table is the one place a config.* key meets its variable.
     "KURA_LOG_LEVEL" $c.logLevel
     "KURA_HTTP_WORKERS" $c.httpWorkers
     "KURA_WORKER_CONNECTIONS" $c.workerConnections
+    "KURA_HTTP_HEADER_TIMEOUT_MS" $c.httpHeaderTimeoutMs
     "KURA_TMP_DIR_MAX_BYTES" $c.tmpDirMaxBytes
     "KURA_CAS_CAPACITY_BYTES" $c.casCapacityBytes
     "KURA_MULTIPART_UPLOAD_TTL_MS" $c.multipartUploadTtlMs
