@@ -5,6 +5,11 @@
 #   docker build -t kura-py .
 #   docker run -p 4000:4000 -p 50051:50051 -p 7443:7443 -v kura-data:/data kura-py
 #
+# The node keeps its memory-mapped per-run files (node state, Prometheus samples) on a
+# memory filesystem, /dev/shm by default (KURA_RUN_DIR to change it), never on /data:
+# a full data disk must not crash it. Docker's default 64 MiB /dev/shm holds about 200
+# processes' worth; the node checks the room at start and says what it needs.
+#
 # Two stages: "build" installs the package and its dependencies into a
 # self-contained virtualenv (/opt/venv); "runtime" copies only that venv and
 # gunicorn.conf.py onto a clean python:3.11-slim, so no compiler, pip cache or

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 
+from app.run_dir import default_run_dir, prometheus_dir
 from app.settings import ConfigError, Settings
 
 try:
@@ -27,10 +28,15 @@ except ConfigError as _exc:
     sys.stderr.write(f"kura: invalid configuration: {_exc}\n")
     sys.exit(1)
 
-_run_dir = os.path.join(_settings.data_dir, "run")
+# Everything the node memory-maps lives in the per-run directory, on a memory filesystem,
+# never on the data disk (see app/run_dir.py). Every process of the node gets it from here.
+_run_dir = _settings.run_dir or default_run_dir(_settings.data_dir)
+_run_dir_prepared = False
+os.environ["KURA_RUN_DIR"] = _run_dir
+_settings = _settings.with_overrides(run_dir=_run_dir)
 # prometheus_client picks multiprocess mode at import, so this must be in the
 # environment before any worker or child imports it.
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(_run_dir, "prometheus")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = prometheus_dir(_run_dir)
 
 wsgi_app = "app.http:create_app()"
 bind = [f"{_settings.bind_host}:{_settings.port}"]
@@ -59,9 +65,10 @@ _children = []
 
 def on_starting(server):
     """Master, before anything else: take the data directory and reset per-run state."""
-    global _lock, _node_state
+    global _lock, _node_state, _run_dir_prepared
     import logging
 
+    from app import run_dir
     from app.datadir_lock import DataDirLock, DataDirLocked
     from app.node_state import NodeState, state_path
 
@@ -75,11 +82,20 @@ def on_starting(server):
         sys.stderr.write(f"kura: {exc}\n")
         sys.exit(1)
     # Nothing of this node runs yet: per-run state and staged temp files are garbage.
-    prom_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    shutil.rmtree(prom_dir, ignore_errors=True)
-    os.makedirs(prom_dir)
     shutil.rmtree(os.path.join(_settings.resolved_tmp_dir, "staging"), ignore_errors=True)
-    # Fail at start, naming the variables, rather than in every child's boot.
+    try:
+        # The workers, the REAPI process, the replicator and this master (extension metrics).
+        run_dir.prepare(_run_dir, processes=workers + 3, data_dir=_settings.data_dir,
+                        tmp_dir=_settings.resolved_tmp_dir)
+    except run_dir.RunDirError as exc:
+        sys.stderr.write(f"kura: {exc}\n")
+        sys.exit(1)
+    _run_dir_prepared = True
+    # Fail at start, naming the variables, rather than in every child's boot. Loading the
+    # hooks records metrics in this process too: their files reserve their pages.
+    from app import metric_files
+
+    metric_files.install()
     try:
         if _settings.extensions_active:
             from app.extensions import Extensions
@@ -90,8 +106,9 @@ def on_starting(server):
         PeerTls.from_settings(_settings)
     except ConfigError as exc:
         sys.stderr.write(f"kura: invalid configuration: {exc}\n")
+        run_dir.remove(_run_dir)  # gunicorn does not call on_exit for a start that failed
         sys.exit(1)
-    _node_state = NodeState.reset(state_path(_settings.data_dir))
+    _node_state = NodeState.reset(state_path(_run_dir))
     _node_state.set("started_ms", int(time.time() * 1000))
     _node_state.set("writer_lock", 1)  # held since acquire() above, until on_exit
 
@@ -151,7 +168,7 @@ def child_exit(server, worker):
 
 def on_exit(server):
     """Master, last: stop the children (SIGKILL past a short deadline), wait for workers that
-    gunicorn had to SIGKILL, release the data directory."""
+    gunicorn had to SIGKILL, remove the per-run directory, release the data directory."""
     from app.drain import STOP_GRACE_S
     from app.supervisor import reap
 
@@ -161,5 +178,9 @@ def on_exit(server):
     reap(server.WORKERS, deadline)
     for child in _children:
         child.stop(deadline)
+    if _run_dir_prepared:
+        from app import run_dir
+
+        run_dir.remove(_run_dir)
     if _lock is not None:
         _lock.release()

@@ -1,4 +1,4 @@
-"""kura-py's gunicorn worker: gunicorn's gevent worker with three changes.
+"""kura-py's gunicorn worker: gunicorn's gevent worker with these changes.
 
 1. Zero-copy downloads. gevent's ``socket.sendfile`` copies through user space in
    small reads; here a file response is sent with ``os.sendfile`` on the
@@ -9,8 +9,12 @@
    keep-alive connection, so one busy connection cannot starve the others.
 3. Errors raised below Flask (over-long request line, bad headers, broken chunked
    framing) are answered with the JSON ``{"message": ...}`` shape like every other
-   error; a draining node closes each connection after its answer.
-4. Clean stop. When the worker is told to exit, keep-alive connections that sit idle
+   error, always with a 4xx status (501 only for a Transfer-Encoding gunicorn does not
+   implement, as RFC 9112 asks); a draining node closes each connection after its answer.
+4. Slow clients cannot starve the worker: request heads have a timeout, and past the
+   connection limit idle and slow connections make room and probes keep answering
+   (``app.http_connections``).
+5. Clean stop. When the worker is told to exit, keep-alive connections that sit idle
    between requests are closed at once instead of holding the worker for the
    keep-alive timeout (clients such as ``requests`` keep chunked-upload connections).
    SIGINT stops a worker gracefully like SIGTERM (gunicorn would exit mid-request;
@@ -23,15 +27,17 @@ import errno
 import json
 import os
 import signal
-from typing import Any, Callable, Iterable
+from http import HTTPStatus
+from typing import Any, Callable, Iterable, Mapping
 
 import gevent
-from gevent import getcurrent
 from gevent.socket import wait_write
 from gunicorn import util as gunicorn_util
 from gunicorn.http import wsgi as gunicorn_wsgi
+from gunicorn.http.errors import ConfigurationProblem
 from gunicorn.workers.ggevent import GeventWorker
 
+from app.http_connections import Admission, HeadWait
 from app.stop_signals import STOP_SIGNALS, held, ignore, release
 
 # The master imports this module to load the worker class: nothing here may import
@@ -84,10 +90,17 @@ def cooperative_sendfile(self: gunicorn_wsgi.Response, respiter: Any) -> bool:
     return True
 
 
-def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
-    """Replacement for ``gunicorn.util.write_error``: the JSON error shape, always."""
+def write_json_error(sock: Any, status_int: int, reason: str, mesg: str,
+                     headers: Mapping[str, str] | None = None) -> None:
+    """Replacement for ``gunicorn.util.write_error``: the JSON error shape, always, with the
+    status's own reason phrase (gunicorn says "Bad Request" for its 501)."""
+    try:
+        reason = HTTPStatus(status_int).phrase
+    except ValueError:
+        pass
     body = json.dumps({"message": mesg or reason}).encode()
-    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n{extra}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode("latin1")
     gunicorn_util.write_nonblock(sock, head + body)
 
@@ -97,23 +110,6 @@ def _write_file_counting_fallback(self: gunicorn_wsgi.Response, respiter: Any) -
         _serving_paths.labels("copy").inc()
         for item in respiter:
             self.write(item)
-
-
-class _IdleWait:
-    """The keep-alive wait for a connection's next request, registered so a stopping
-    worker can end it early (the silent Timeout makes gunicorn close the connection)."""
-
-    def __init__(self, idle: dict[Any, gevent.Timeout], seconds: float) -> None:
-        self._idle = idle
-        self._timeout = gevent.Timeout(seconds, False)
-
-    def __enter__(self) -> gevent.Timeout:
-        self._idle[getcurrent()] = self._timeout
-        return self._timeout.__enter__()
-
-    def __exit__(self, typ: Any, value: Any, tb: Any) -> bool | None:
-        self._idle.pop(getcurrent(), None)
-        return self._timeout.__exit__(typ, value, tb)
 
 
 # The signals that stop a worker (gunicorn's SIGQUIT too), held from fork to init_signals.
@@ -135,14 +131,36 @@ def spawning_with_stop_signals_held(spawn_worker: Callable[[], Any]) -> Callable
     return spawn
 
 
+# Until the app's settings are loaded (``load_wsgi``): KURA_HTTP_HEADER_TIMEOUT_MS's default.
+DEFAULT_HEADER_TIMEOUT_S = 60.0
+
+
+def probe_paths(app: Any) -> frozenset[str]:
+    """The paths of the probe routes (``app.http.probes.PROBE_ENDPOINTS``) of ``app``."""
+    from app.http.probes import PROBE_ENDPOINTS
+
+    return frozenset(rule.rule for rule in app.url_map.iter_rules() if rule.endpoint in PROBE_ENDPOINTS)
+
+
 class KuraGeventWorker(GeventWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._idle: dict[Any, gevent.Timeout] = {}
+        self._admission = Admission(limit=self.cfg.worker_connections,
+                                    header_timeout_s=DEFAULT_HEADER_TIMEOUT_S,
+                                    keepalive_s=self.cfg.keepalive, write_error=write_json_error)
+        self.worker_connections = self._admission.pool_size  # gunicorn's pool: limit + reserve
+        self._probe_paths: frozenset[str] = frozenset()
         self._fast_reads: Any = None
 
-    def timeout_ctx(self) -> _IdleWait:
-        return _IdleWait(self._idle, self.cfg.keepalive)
+    def timeout_ctx(self) -> HeadWait:
+        return self._admission.head_wait()
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        self._admission.accept(client)
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            self._admission.close()
 
     def init_signals(self) -> None:
         super().init_signals()
@@ -153,11 +171,7 @@ class KuraGeventWorker(GeventWorker):
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
         ignore(STOP_SIGNALS)  # already stopping; see app.stop_signals.StopRequest
-        gevent.spawn(self._close_idle_connections)
-
-    def _close_idle_connections(self) -> None:
-        for greenlet, timeout in list(self._idle.items()):
-            greenlet.kill(timeout, block=False)
+        gevent.spawn(self._admission.stop)
 
     def init_process(self) -> None:
         global _serving_paths
@@ -173,15 +187,43 @@ class KuraGeventWorker(GeventWorker):
         super().load_wsgi()
         from app.http.fast_reads import FastReads
 
+        settings = self.wsgi.extensions["kura"].settings
+        self._admission.header_timeout_s = settings.http_header_timeout_ms / 1000
+        self._probe_paths = probe_paths(self.wsgi)
         self._fast_reads = FastReads.for_app(self.wsgi, sendfile_all)
         self.wsgi = _close_when_draining(self.wsgi)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
+        conn = self._admission.current()
+        if conn is not None:
+            conn.last_request = req
+            if conn.reserve:
+                if not self._admission.admits(conn, req.method in ("GET", "HEAD")
+                                              and req.path in self._probe_paths):
+                    raise StopIteration()  # answered 503; gunicorn closes the connection
+                req.force_close()  # a reserve connection serves one request
         gevent.sleep(0)  # fairness between keep-alive connections of this worker
         fast = self._fast_reads
         if fast is not None and fast.serve(req, sock, self.alive and bool(self.cfg.keepalive)):
             return True
         return super().handle_request(listener_name, req, sock, addr)
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        conn = self._admission.current()
+        previous = conn.last_request if conn is not None else None
+        if req is None and previous is not None and getattr(previous.body, "failed", False):
+            # gunicorn was discarding the unread body of a request it has already answered,
+            # and that body broke its chunked framing: a second answer now would be read as
+            # the answer to the client's next request. The connection just closes.
+            self.log.debug("Closing connection after a malformed unread body: %s", exc)
+            return
+        if isinstance(exc, ConfigurationProblem):
+            # A trusted peer's SCRIPT_NAME header that the request path does not start
+            # with: the request's fault, not the server's (gunicorn answers 500).
+            self.log.warning("Invalid request from ip=%s: %s", (addr or ("",))[0], exc)
+            write_json_error(client, 400, "Bad Request", str(exc))
+            return
+        super().handle_error(req, client, addr, exc)
 
 
 def _close_when_draining(app: Any) -> Callable[..., Iterable[bytes]]:

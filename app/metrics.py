@@ -2,14 +2,21 @@
 
 Every process of a node (HTTP workers, the REAPI process, the replicator)
 records into the multiprocess directory named by ``PROMETHEUS_MULTIPROC_DIR``
-(set by the gunicorn master before any child starts); ``/metrics`` aggregates
-them. Without that variable (unit tests) the default in-process registry is used.
+(set by the gunicorn master before any child starts: ``prometheus/`` in the node's
+per-run directory on a memory filesystem, see ``app.run_dir``); ``/metrics``
+aggregates them. Those files are memory-mapped: ``app.metric_files`` makes them
+reserve every page before touching it. Without that variable (unit tests) the
+default in-process registry is used.
 """
 from __future__ import annotations
 
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from app import metric_files
+
+metric_files.install()  # before the first sample below is created
 
 HTTP_REQUESTS = Counter(
     "kura_http_requests_total", "HTTP requests by route template and status",

@@ -1,6 +1,8 @@
 """State shared by every process of one node through a small memory-mapped file.
 
-The gunicorn master creates (and wipes) ``<data_dir>/run/node-state`` at start.
+The gunicorn master creates (and wipes) ``node-state`` in the node's per-run directory
+(``app.run_dir``, on a memory filesystem) at start. Its pages are allocated before
+they are mapped, so no access can fault for lack of space.
 The header holds node-wide flags (draining, ready, generation, ...). Each
 process claims one slot for its own counters (in-flight requests, bytes staged
 in the tmp dir); only the owner writes its slot, anyone may sum them. Aligned
@@ -15,6 +17,8 @@ import mmap
 import os
 import time
 from typing import Iterator
+
+from app.run_dir import NODE_STATE
 
 MAGIC = 0x4B5552415354  # "KURAST"
 HEADER_FIELDS = (
@@ -54,8 +58,9 @@ class NodeState:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(fd).st_size < SIZE:
-                os.ftruncate(fd, SIZE)
+            # Allocate every page before mapping (a no-op once allocated): a page first touched
+            # through the map on a full filesystem would be SIGBUS, this is an OSError.
+            os.posix_fallocate(fd, 0, SIZE)
             self._fd = fd
             self._map = mmap.mmap(fd, SIZE)
         except BaseException:
@@ -183,6 +188,7 @@ class NodeState:
             os.close(self._fd)
 
 
-def state_path(data_dir: str) -> str:
-    return os.path.join(data_dir, "run", "node-state")
+def state_path(run_dir: str) -> str:
+    """The node state file in the node's per-run directory (``Settings.resolved_run_dir``)."""
+    return os.path.join(run_dir, NODE_STATE)
 

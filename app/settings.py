@@ -71,6 +71,9 @@ class Settings:
     region: str = "local"
     data_dir: str = "./data"
     tmp_dir: str = ""  # default: <data_dir>/tmp
+    # kura-py: where the memory-mapped files live (``app.run_dir``); the gunicorn master
+    # always sets it (default /dev/shm/kura-<id>) for the processes it starts.
+    run_dir: str = ""
     node_url: str = ""  # default: http://<hostname>:<internal_port>
     peers: tuple[str, ...] = ()
     discovery_dns_name: str = ""
@@ -109,6 +112,7 @@ class Settings:
     kura_env: Mapping[str, str] = field(default_factory=dict)
     http_workers: int = 0  # 0: one gevent worker per core
     worker_connections: int = 1000
+    http_header_timeout_ms: int = 60_000  # a request head must arrive within this (nginx: 60 s)
     segment_max_bytes: int = 512 * MIB
     lmdb_map_size: int = 64 * GIB
     log_level: str = "info"
@@ -122,6 +126,12 @@ class Settings:
         """Mutual TLS on the internal plane (all three KURA_INTERNAL_TLS_* paths set)."""
         return bool(self.internal_tls_ca_cert_path and self.internal_tls_cert_path
                     and self.internal_tls_key_path)
+
+    @property
+    def resolved_run_dir(self) -> str:
+        """The node's per-run directory. A process the gunicorn master did not start (a test
+        opening a store in-process) uses ``<data_dir>/run``."""
+        return self.run_dir or os.path.join(self.data_dir, "run")
 
     @property
     def resolved_node_url(self) -> str:
@@ -156,6 +166,7 @@ class Settings:
             "KURA_REGION": ("region", _parse_str),
             "KURA_DATA_DIR": ("data_dir", _parse_path),
             "KURA_TMP_DIR": ("tmp_dir", _parse_path),
+            "KURA_RUN_DIR": ("run_dir", _parse_path),
             "KURA_NODE_URL": ("node_url", _parse_node_url),
             "KURA_PEERS": ("peers", _parse_urls),
             "KURA_DISCOVERY_DNS_NAME": ("discovery_dns_name", _parse_str),
@@ -192,6 +203,7 @@ class Settings:
             "KURA_ANALYTICS_CIRCUIT_BREAKER_OPEN_MS": ("analytics_circuit_breaker_open_ms", _positive),
             "KURA_HTTP_WORKERS": ("http_workers", _parse_int),
             "KURA_WORKER_CONNECTIONS": ("worker_connections", _positive),
+            "KURA_HTTP_HEADER_TIMEOUT_MS": ("http_header_timeout_ms", _positive),
             "KURA_SEGMENT_MAX_BYTES": ("segment_max_bytes", _segment_size),
             "KURA_LMDB_MAP_SIZE": ("lmdb_map_size", _segment_size),
             "KURA_LOG_LEVEL": ("log_level", _parse_log_level),
@@ -274,7 +286,7 @@ def _parse_node_url(name: str, raw: str) -> str:
 def _parse_host_port(name: str, raw: str) -> str:
     value = raw.strip()
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"{name} must be host:port, got {raw!r}")
     return value
 

@@ -9,7 +9,7 @@ import pytest
 from app.settings import Settings
 from tests.dns_server import DnsServer
 from tests.netfaults import FaultyProxy
-from tests.nodes import Node, make_node
+from tests.nodes import STARTED_NODES, Node, make_node, stop_started_since
 
 
 @pytest.fixture
@@ -38,6 +38,14 @@ def app(settings: Settings):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def client(app):  # type: ignore[no-untyped-def]
     return app.test_client()
+
+
+@pytest.fixture(autouse=True)
+def no_node_outlives_its_test() -> Iterator[None]:
+    """Nodes a test started (not a module fixture's) are stopped when it ends."""
+    started_before = len(STARTED_NODES)
+    yield
+    stop_started_since(started_before)
 
 
 @pytest.fixture

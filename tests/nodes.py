@@ -13,6 +13,8 @@ from pathlib import Path
 import requests
 
 from app.drain import STOP_GRACE_S
+from app.run_dir import default_run_dir
+from app.run_dir import remove as remove_run_dir
 from bench.proctree import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,6 +73,11 @@ class Node:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def run_dir(self) -> str:
+        """The node's per-run directory (node state, Prometheus files), as its master chose it."""
+        return self.env.get("KURA_RUN_DIR") or default_run_dir(str(self.data_dir))
+
+    @property
     def grpc_target(self) -> str:
         return f"{self.host}:{self.env['KURA_GRPC_PORT']}"
 
@@ -84,6 +91,7 @@ class Node:
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=REPO,
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+        STARTED_NODES.append(self)
         if wait:
             self.wait_ready(timeout)
         return self
@@ -183,7 +191,21 @@ class Node:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        remove_run_dir(self.run_dir)  # what a killed master could not remove (it is in memory)
         return self.process.returncode
+
+
+# Every node started; tests/conftest.py stops the ones a test started and left running,
+# so a failing or forgetful test never leaves nodes behind for the next ones.
+STARTED_NODES: list[Node] = []
+
+
+def stop_started_since(count: int) -> None:
+    """Stop every node started after the first ``count`` that is still running."""
+    leftovers, STARTED_NODES[count:] = STARTED_NODES[count:], []
+    for node in reversed(leftovers):
+        if node.process is not None and node.process.poll() is None:
+            node.stop(timeout=15)
 
 
 def make_node(base: Path, name: str = "node", **overrides: str) -> Node:

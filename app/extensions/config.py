@@ -33,6 +33,9 @@ HTTP_CLIENT_PREFIX = "KURA_EXTENSION_HTTP_CLIENT_"
 DEFAULT_CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "cookie", "x-api-key")
 
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512")
+DEFAULT_MEMORY_LIMIT_BYTES = 64 * 1024 * 1024
+# Every pool slot is guaranteed memory_limit / (2 × pool size) of headroom (memory.py).
+MIN_GUARANTEED_BYTES = 512 * 1024
 SIGNER_ALGORITHMS = {"hmac-sha256": "sha256", "hmac_sha256": "sha256", "hmacsha256": "sha256"}
 
 
@@ -81,7 +84,8 @@ class ExtensionConfig:
     fail_open_response_headers: bool = True
     cache_max_entries: int = 100_000
     runtime_pool_size: int = 32
-    memory_limit_bytes: int = 32 * 1024 * 1024
+    memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES  # all Lua states of one process together
+    max_abandoned_hooks: int = 2
     hook_io_budget_s: float = 5.0
     credential_headers: tuple[str, ...] = DEFAULT_CREDENTIAL_HEADERS
     signers: Mapping[str, SignerConfig] = field(default_factory=dict)
@@ -94,6 +98,7 @@ class ExtensionConfig:
         env = dict(settings.extension_env)
         if not settings.extension_script_path:
             raise ConfigError("KURA_EXTENSION_SCRIPT_PATH must be set when KURA_EXTENSION_ENABLED is true")
+        pool_size = _int(env, "KURA_EXTENSION_RUNTIME_POOL_SIZE", 32, minimum=1)
         extra_credentials = tuple(
             h.strip().lower() for h in env.get("KURA_EXTENSION_CREDENTIAL_HEADERS", "").split(",") if h.strip())
         return cls(
@@ -106,9 +111,9 @@ class ExtensionConfig:
             fail_closed_authorize=_bool(env, "KURA_EXTENSION_FAIL_CLOSED_AUTHORIZE", True),
             fail_open_response_headers=_bool(env, "KURA_EXTENSION_FAIL_OPEN_RESPONSE_HEADERS", True),
             cache_max_entries=_int(env, "KURA_EXTENSION_CACHE_MAX_ENTRIES", 100_000, minimum=1),
-            runtime_pool_size=_int(env, "KURA_EXTENSION_RUNTIME_POOL_SIZE", 32, minimum=1),
-            memory_limit_bytes=_int(env, "KURA_EXTENSION_MEMORY_LIMIT_BYTES", 32 * 1024 * 1024,
-                                    minimum=1024 * 1024),
+            runtime_pool_size=pool_size,
+            memory_limit_bytes=_memory_limit(env, pool_size),
+            max_abandoned_hooks=_int(env, "KURA_EXTENSION_MAX_ABANDONED_HOOKS", 2, minimum=1),
             hook_io_budget_s=_int(env, "KURA_EXTENSION_HOOK_IO_BUDGET_MS", 5000, minimum=1) / 1000.0,
             credential_headers=tuple(dict.fromkeys(DEFAULT_CREDENTIAL_HEADERS + extra_credentials)),
             signers=_parse_signers(env),
@@ -133,6 +138,15 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _memory_limit(env: Mapping[str, str], pool_size: int) -> int:
+    minimum = 2 * pool_size * MIN_GUARANTEED_BYTES
+    value = _int(env, "KURA_EXTENSION_MEMORY_LIMIT_BYTES", max(DEFAULT_MEMORY_LIMIT_BYTES, minimum))
+    if value < minimum:
+        raise ConfigError(f"KURA_EXTENSION_MEMORY_LIMIT_BYTES must be >= {minimum} (1 MiB per Lua state of "
+                          f"KURA_EXTENSION_RUNTIME_POOL_SIZE={pool_size}), got {value}")
     return value
 
 

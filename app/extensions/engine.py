@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 import time
 from typing import Any, Callable
 
@@ -16,7 +15,8 @@ from app.extensions.errors import HookFailed, deny_error
 from app.extensions.host_api import HostApi, HostError
 from app.extensions.outcomes import (
     AuthenticateOutcome, AuthorizeOutcome, parse_authenticate, parse_authorize, parse_response_headers)
-from app.extensions.pool import RuntimePool
+from app.extensions.memory import MemoryBudget
+from app.extensions.pool import RuntimePool, request_restart
 from app.extensions.sandbox import LuaSandbox
 from app.settings import ConfigError, Settings
 
@@ -25,7 +25,8 @@ log = logging.getLogger("kura.extensions")
 # Query parameters that name the request target (tuist.lua falls back to them
 # when ctx.tenant_id / ctx.namespace_id are empty), so they are part of the key.
 TARGET_QUERY_PARAMS = ("tenant_id", "account_handle", "namespace_id", "project_handle")
-SCRIPT_LOAD_TIMEOUT_S = 2.0
+SCRIPT_LOAD_TIMEOUT_S = 1.0  # CPU time to load the script into a new state
+WALL_SLACK_S = 2.0  # a hook call is abandoned after its I/O budget + this much wall-clock time
 
 
 class Extensions:
@@ -35,7 +36,8 @@ class Extensions:
     gevent has monkey-patched (HTTP worker) or in the REAPI process main.
     """
 
-    def __init__(self, config: ExtensionConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: ExtensionConfig, *, clock: Callable[[], float] = time.monotonic,
+                 on_abandoned_limit: Callable[[], None] = request_restart) -> None:
         self.config = config
         self._clock = clock
         try:
@@ -46,30 +48,39 @@ class Extensions:
                 f"KURA_EXTENSION_SCRIPT_PATH: cannot read {config.script_path!r}: {type(exc).__name__}") from None
         self._script_digest = hashlib.sha256(self._source.encode("utf-8")).hexdigest()
         self._host = HostApi(config)
-        self._yield_fn = _cooperative_yield()
+        self._budget = MemoryBudget(config.memory_limit_bytes, config.runtime_pool_size)
+        self._pool = RuntimePool(
+            self._new_sandbox, self._budget, max_size=config.runtime_pool_size,
+            acquire_timeout_s=self._wall_limit_s(), load_timeout_s=self._load_timeout_s(),
+            wall_limit_s=self._wall_limit_s(), max_abandoned=config.max_abandoned_hooks,
+            on_abandoned_limit=on_abandoned_limit)
         try:
-            first = self._new_sandbox()
+            self.hooks = self._pool.start()
         except HookFailed as exc:
+            self._pool.close()
             raise ConfigError(f"KURA_EXTENSION_SCRIPT_PATH: {config.script_path!r} failed to load: "
                               f"{exc.reason}") from None
-        self.hooks = first.hooks
-        self._pool = RuntimePool(self._new_sandbox, config.runtime_pool_size, self._slot_wait_s(), first)
         self._authn_cache: DecisionCache[AuthenticateOutcome] = DecisionCache(
             "authenticate", config.cache_max_entries, clock)
         self._authz_cache: DecisionCache[AuthorizeOutcome] = DecisionCache(
             "authorize", config.cache_max_entries, clock)
         self._flights = SingleFlight()
-        log.info("event=extension_loaded script=%s sha256=%s hooks=%s pool_size=%d timeout_ms=%d",
-                 config.script_path, self._script_digest[:12], ",".join(sorted(self.hooks)) or "none",
-                 config.runtime_pool_size, int(config.hook_timeout_s * 1000))
+        log.info("event=extension_loaded script=%s sha256=%s hooks=%s pool_size=%d timeout_ms=%d "
+                 "memory_limit_bytes=%d", config.script_path, self._script_digest[:12],
+                 ",".join(sorted(self.hooks)) or "none", config.runtime_pool_size, int(config.hook_timeout_s * 1000),
+                 config.memory_limit_bytes)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, clock: Callable[[], float] = time.monotonic
-                      ) -> "Extensions | None":
-        """The runtime, or None when extensions are not enabled. Raises ``ConfigError``."""
+    def from_settings(cls, settings: Settings, *, clock: Callable[[], float] = time.monotonic,
+                      on_abandoned_limit: Callable[[], None] = request_restart) -> "Extensions | None":
+        """The runtime, or None when extensions are not enabled. Raises ``ConfigError``.
+
+        ``on_abandoned_limit``: called once when ``KURA_EXTENSION_MAX_ABANDONED_HOOKS``
+        stuck hook calls exist at once (default: the process asks to be replaced).
+        """
         if not (settings.extension_enabled or settings.extension_script_path):
             return None
-        return cls(ExtensionConfig.from_settings(settings), clock=clock)
+        return cls(ExtensionConfig.from_settings(settings), clock=clock, on_abandoned_limit=on_abandoned_limit)
 
     # -- public API ----------------------------------------------------------
     def check(self, ctx: HookContext) -> Principal | None:
@@ -123,6 +134,8 @@ class Extensions:
         return self._authn_cache.clear() + self._authz_cache.clear()
 
     def close(self) -> None:
+        """End the idle Lua runners and close the HTTP sessions."""
+        self._pool.close()
         self._host.close()
 
     # -- authenticate / authorize ---------------------------------------------
@@ -187,21 +200,37 @@ class Extensions:
     def _run(self, hook: str, args: tuple[Any, ...]) -> Any:
         started = time.perf_counter()
         result_label = "ok"
+        timeout_s, io_budget_s = self.config.hook_timeout_s, self.config.hook_io_budget_s
+
+        def attempt(exclusive: bool) -> Any:
+            return self._pool.run(
+                hook, lambda runner: runner.call_hook(hook, args, timeout_s, io_budget_s, exclusive), timeout_s)
+
         try:
-            with self._pool.runtime(hook) as sandbox:
-                return sandbox.call(hook, args, self.config.hook_timeout_s, self.config.hook_io_budget_s)
+            try:
+                return attempt(False)
+            except HookFailed as exc:
+                if not exc.retryable:
+                    raise
+                failed = exc
+            try:  # out of memory before any I/O: once more, with all the memory there is (memory.py)
+                with self._budget.exclusive(self._wall_limit_s()):
+                    return attempt(True)
+            except TimeoutError:
+                raise failed from None
         except HookFailed as exc:
             result_label = "timeout" if exc.reason == "timeout" else "error"
             raise
         finally:
             metrics.HOOKS.labels(hook=hook, result=result_label).inc()
             metrics.HOOK_DURATION.labels(hook=hook).observe(time.perf_counter() - started)
+            metrics.LUA_MEMORY.set(self._pool.lua_memory_used())
+            metrics.ABANDONED.set(self._pool.abandoned)
 
-    def _new_sandbox(self) -> LuaSandbox:
+    def _new_sandbox(self, limit_bytes: int) -> LuaSandbox:
+        """Runs on a runner's own thread (``runner.py``)."""
         return LuaSandbox(self._source, _chunkname(self.config.script_path), self._host,
-                          memory_limit_bytes=self.config.memory_limit_bytes,
-                          load_timeout_s=max(SCRIPT_LOAD_TIMEOUT_S, self.config.hook_timeout_s),
-                          yield_fn=self._yield_fn)
+                          limit_bytes=limit_bytes, load_timeout_s=self._load_timeout_s())
 
     def _record_failure(self, exc: HookFailed) -> None:
         if exc.reason == "invalid_result":
@@ -209,12 +238,16 @@ class Extensions:
         line = f" line={exc.line}" if exc.line is not None else ""
         log.warning("event=extension_hook_failed hook=%s reason=%s%s", exc.hook, exc.reason, line)
 
-    def _slot_wait_s(self) -> float:
-        return self.config.hook_timeout_s + self.config.hook_io_budget_s
+    def _load_timeout_s(self) -> float:
+        return max(SCRIPT_LOAD_TIMEOUT_S, self.config.hook_timeout_s)
+
+    def _wall_limit_s(self) -> float:
+        # A backstop only: calls are cut by their CPU time; I/O by the I/O budget.
+        return self.config.hook_io_budget_s + WALL_SLACK_S
 
     def _flight_wait_s(self) -> float:
-        # A leader needs at most: a pool slot, the hook, its I/O budget.
-        return 2 * self._slot_wait_s() + 1.0
+        # A leader needs at most: a pool slot (possibly a fresh runner), then the call.
+        return 3 * self._wall_limit_s() + SCRIPT_LOAD_TIMEOUT_S
 
     def _retry_after(self, ttl_s: float | None) -> int:
         ttl = self.config.deny_ttl_s if ttl_s is None else ttl_s
@@ -245,12 +278,3 @@ def _principal_data(principal: Principal | None) -> dict[str, Any] | None:
 def _chunkname(path: str) -> str:
     return path.rsplit("/", 1)[-1] or "hooks.lua"
 
-
-def _cooperative_yield() -> Callable[[], None] | None:
-    """gevent.sleep(0) when this process is gevent-patched (HTTP workers), else None."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("threading"):
-        import gevent
-
-        return lambda: gevent.sleep(0)
-    return None

@@ -37,11 +37,14 @@ class ExtensionDenied(KuraError):
 class HookFailed(Exception):
     """A hook raised, timed out, or returned something malformed (internal; never reaches clients)."""
 
-    def __init__(self, hook: str, reason: str, line: int | None = None) -> None:
+    def __init__(self, hook: str, reason: str, line: int | None = None, *, retryable: bool = False) -> None:
         super().__init__(f"{hook} hook failed: {reason}")
         self.hook = hook
         self.reason = reason
         self.line = line
+        # Ran out of memory before doing any I/O: running it again has no effect
+        # outside the Lua state, so it may be retried with more memory.
+        self.retryable = retryable
 
 
 def deny_error(status: int, message: str, retry_after_s: int = 1) -> KuraError:

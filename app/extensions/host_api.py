@@ -10,9 +10,12 @@
   failure, timeout, reset), never on an HTTP status.
 - ``kura.env(key)``: a ``KURA_*`` variable or nil.
 
-Each callable returns ``(ok, value_or_message)``; the Lua wrapper in
+Each callable returns ``(ok, {value_or_message})``; the Lua wrapper in
 ``sandbox.py`` raises the message as a Lua string error. Messages never contain
-tokens, secrets or response bodies.
+tokens, secrets or response bodies. They run on the hook's own thread, except
+the I/O of ``kura.http_json``, which runs where the caller waits
+(``LuaSandbox.on_caller``): in an HTTP worker that is a greenlet, whose
+sockets belong to the worker's event loop.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from app.extensions.config import ExtensionConfig, HttpClientConfig, normalize_i
 from app.extensions.sandbox import from_lua, to_lua
 
 if TYPE_CHECKING:
-    from app.extensions.sandbox import LuaSandbox
+    from app.extensions.sandbox import Deadline, LuaSandbox
 
 log = logging.getLogger("kura.extensions")
 
@@ -71,21 +74,30 @@ class HostApi:
         self._sessions_lock = threading.Lock()
 
     def bind(self, sandbox: "LuaSandbox") -> BoundHost:
+        # The Lua side lifts the state's memory limit around these calls, so
+        # building the answer's Lua values can never fail outside Lua.
         def guarded(name: str, fn: Callable[..., Any]) -> Callable[..., HostResult]:
             def call(*args: Any) -> HostResult:
                 try:
-                    return True, to_lua(sandbox.lua, fn(*args))
+                    return True, to_lua(sandbox.lua, [fn(*args)])
                 except HostError as exc:
-                    return False, f"kura.{name}: {exc}"
+                    message = f"kura.{name}: {exc}"
                 except Exception as exc:  # never let a Python exception object into Lua
                     log.warning("event=extension_host_error function=%s error=%s", name, type(exc).__name__)
-                    return False, f"kura.{name}: internal error"
+                    message = f"kura.{name}: internal error"
+                return False, to_lua(sandbox.lua, [message])
             return call
+
+        def http_json(ident: Any, request: Any) -> dict[str, Any]:
+            sandbox.io_calls += 1
+            spec = from_lua(request)  # plain data, read on the hook's thread
+            # The I/O runs where the caller waits (a greenlet of the HTTP worker).
+            return sandbox.on_caller(lambda: self.http_json(sandbox.deadline, ident, spec))
 
         return BoundHost(
             sign_hmac_base64=guarded("sign_hmac_base64", self.sign_hmac_base64),
             jwt_verify=guarded("jwt_verify", self.jwt_verify),
-            http_json=guarded("http_json", lambda ident, request: self.http_json(sandbox, ident, request)),
+            http_json=guarded("http_json", http_json),
             env=guarded("env", self.env),
         )
 
@@ -119,11 +131,11 @@ class HostApi:
         return claims
 
     # -- HTTP ----------------------------------------------------------------
-    def http_json(self, sandbox: "LuaSandbox", ident: Any, request: Any) -> dict[str, Any]:
+    def http_json(self, deadline: "Deadline", ident: Any, spec: Any) -> dict[str, Any]:
+        """``spec``: the request table as plain data."""
         client = self._config.http_clients.get(normalize_id(_string(ident, "client id")))
         if client is None:
             raise HostError(f"unknown HTTP client {ident!r}")
-        spec = from_lua(request)
         if not isinstance(spec, dict):
             raise HostError("request must be a table")
         method = str(spec.get("method") or "GET").upper()
@@ -143,7 +155,6 @@ class HostApi:
             headers.setdefault("content-type", "application/json")
         headers.setdefault("accept", "application/json")
         session = self._session(client)
-        deadline = sandbox.deadline
         label = client.id.lower()
         for attempt in (1, 2):
             if deadline.io_remaining_s <= 0:

@@ -1,7 +1,7 @@
 """Extension metrics (Kura's names), recorded in every process that runs hooks."""
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 HOOKS = Counter(
     "kura_extension_hooks_total", "Lua hook calls by hook and result (ok, error, timeout, invalid)",
@@ -15,6 +15,12 @@ CACHE = Counter(
 HTTP_CLIENT_REQUESTS = Counter(
     "kura_extension_http_client_requests_total", "kura.http_json attempts by client id and result "
     "(2xx..5xx, transport_error, budget)", ["client", "result"])
+LUA_MEMORY = Gauge(
+    "kura_extension_lua_memory_bytes", "Lua memory held by the hook states of the node (at most "
+    "KURA_EXTENSION_MEMORY_LIMIT_BYTES per process)", multiprocess_mode="livesum")
+ABANDONED = Gauge(
+    "kura_extension_abandoned_hooks", "Hook calls abandoned while stuck in a Lua C function whose thread "
+    "has not ended yet", multiprocess_mode="livesum")
 
 # Pre-bound children for the cache-hit fast path.
 AUTHN_HIT = CACHE.labels(cache="authenticate", result="hit")

@@ -23,7 +23,7 @@ def create_app(settings: Settings | None = None, *, store: ArtifactStore | None 
     settings = settings or Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    node_state = store.node_state if store else NodeState(state_path(settings.data_dir))
+    node_state = store.node_state if store else NodeState(state_path(settings.resolved_run_dir))
     node_state.claim_slot(KIND_HTTP)
     store = store or ArtifactStore(settings, node_state=node_state, offload=cooperative_offload())
 

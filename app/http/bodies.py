@@ -1,9 +1,17 @@
-"""Streaming request bodies to staging and artifact bodies back out.
+"""Streaming request bodies to staging and artifact bodies back out, and the one reader
+of small JSON request documents.
 
 Uploads: the body is read in chunks from ``wsgi.input`` into a staged temp file
 (never whole in memory). Under gunicorn a client that disconnects mid-upload
 looks like an early end of body, so the byte count is compared with
 Content-Length (and the digest, where the key is one) before anything commits.
+Every read of a request body goes through :func:`read_body_chunk`: a reset socket or
+broken chunked framing is the client's fault (400), never a 500.
+
+Documents (keyvalue entries, module ``complete``): :func:`read_document` reads a body
+whole up to a size limit, and :func:`decode_json` decodes it: UTF-8 only, nesting depth
+bounded before decoding (:data:`MAX_JSON_DEPTH`), and any number or string Python cannot
+hold as a value (integers past its digit limit, lone surrogates, NaN) refused as 400.
 
 Downloads: inline bodies come from LMDB; segment bodies are handed to the server
 as a file positioned at the artifact's offset with an exact Content-Length, so
@@ -12,18 +20,109 @@ the gunicorn worker sends them with a cooperative ``os.sendfile``
 """
 from __future__ import annotations
 
-from typing import BinaryIO, Iterator
+import json
+from typing import Any, BinaryIO, Iterator
 
 from flask import Response, request
+from gunicorn.http.errors import ParseException
 
 from app import metrics
-from app.errors import TooLarge, TruncatedBody
+from app.errors import BadRequest, TooLarge, TruncatedBody
 from app.http.services import store
 from app.storage.staging import StagedBody
 from app.storage.store import Located
 
 CHUNK = 1024 * 1024
 SMALL_BODY = 64 * 1024
+MAX_JSON_DEPTH = 32  # Kura's documents nest 3 deep; json.loads recurses once per level
+
+_BRACKETS = b"[]{}"
+_AS_PARENS = bytes.maketrans(_BRACKETS, b"()()")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in _BRACKETS)
+
+
+def read_body_chunk(stream: Any, size: int) -> bytes:
+    """Up to ``size`` bytes of the request body (``b""`` at its end)."""
+    try:
+        return stream.read(size)
+    except ParseException as exc:  # gunicorn: bad chunk size, extension, terminator or trailer
+        raise BadRequest(f"Malformed chunked body: {exc.__class__.__name__}") from exc
+    except Exception as exc:  # a reset socket, gunicorn's NoMoreData
+        raise TruncatedBody(f"Incomplete body: {exc.__class__.__name__}") from exc
+
+
+def read_document(limit: int, too_large: str) -> bytes:
+    """The request body whole, at most ``limit`` bytes (``TooLarge(too_large)`` beyond)."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise TooLarge(too_large)
+    raw = read_body_chunk(request.stream, limit + 1)
+    if len(raw) > limit:
+        raise TooLarge(too_large)
+    if declared is not None and len(raw) != declared:
+        raise TruncatedBody(f"Incomplete body: received {len(raw)} of {declared} bytes")
+    return raw
+
+
+def nests_deeper_than(raw: bytes, limit: int) -> bool:
+    """Whether the JSON in ``raw`` nests arrays and objects deeper than ``limit``, decided
+    without decoding it (exact for valid JSON; for invalid JSON, true at least when a
+    decoder would get that deep before failing). Built from C loops only: a worker must not
+    run a Python loop per byte of a megabyte body."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    # Drop escaped backslashes, then escaped quotes: every quote left delimits a string,
+    # and the even pieces between them are what lies outside strings.
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    parens = b"".join(unescaped.split(b'"')[::2]).translate(_AS_PARENS, _NOT_BRACKETS)
+    too_deep = b"(" * (limit + 1)
+    for _ in range(limit):  # each pass removes the innermost level of every nest
+        if too_deep in parens:
+            return True
+        shorter = parens.replace(b"()", b"")
+        if len(shorter) == len(parens):
+            break
+        parens = shorter
+    return b"(" in parens
+
+
+def decode_json(raw: bytes, invalid: str) -> Any:
+    """The JSON document in ``raw``; ``BadRequest(f"{invalid}: ...")`` for anything else."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"{invalid}: not valid UTF-8") from None
+    if nests_deeper_than(raw, MAX_JSON_DEPTH):
+        raise BadRequest(f"{invalid}: nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        doc = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # ValueError: also integers over 4,300 digits
+        raise BadRequest(f"{invalid}: malformed JSON ({exc.__class__.__name__})") from None
+    if "\\u" in text and not _all_text(doc):
+        raise BadRequest(f"{invalid}: a string is not valid Unicode (lone surrogate)")
+    return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _all_text(doc: Any) -> bool:
+    """Whether every string in ``doc`` (keys too) encodes as UTF-8 (no lone surrogate)."""
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+    return True
 
 
 def receive_body(limit: int, too_large_message: str = "Payload too large",
@@ -40,10 +139,7 @@ def receive_body(limit: int, too_large_message: str = "Payload too large",
         remaining = declared
         while remaining is None or remaining > 0:
             want = CHUNK if remaining is None else min(CHUNK, remaining)
-            try:
-                chunk = stream.read(want)
-            except Exception as exc:  # a reset socket, or gunicorn's NoMoreData / chunk errors
-                raise TruncatedBody(f"Incomplete body: {exc.__class__.__name__}") from exc
+            chunk = read_body_chunk(stream, want)
             if not chunk:
                 break
             staged.write(chunk)

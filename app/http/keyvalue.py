@@ -11,6 +11,7 @@ from flask import Blueprint, Response
 
 from app.errors import BadRequest
 from app.http.artifacts import empty, store_document
+from app.http.bodies import decode_json
 from app.http.routes import WRITE, download, route
 from app.http.targets import QUERY_NAMESPACE, QUERY_TENANT, KeyRead, PathKey, Sources, Target, Targets
 from app.storage.keys import validate_component
@@ -19,18 +20,16 @@ bp = Blueprint("keyvalue", __name__)
 PRODUCER = "xcode"
 KEY_PREFIX = "action_cache/"
 CONTENT_TYPE = "application/json"
+INVALID = "Invalid key-value payload"
 
 
 def _invalid(detail: str) -> BadRequest:
-    return BadRequest(f"Invalid key-value payload: {detail}")
+    return BadRequest(f"{INVALID}: {detail}")
 
 
 def parse_document(raw: bytes) -> tuple[str, bytes]:
     """``(cas_id, document as stored)`` from a PUT body."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _invalid(f"malformed JSON ({exc.__class__.__name__})") from None
+    doc = decode_json(raw, INVALID)
     if not isinstance(doc, dict):
         raise _invalid("expected a JSON object")
     cas_id = doc.get("cas_id")

@@ -7,19 +7,18 @@ the query: the hooks authorize the namespace that is actually written.
 """
 from __future__ import annotations
 
-import json
 import re
 
 from flask import Blueprint, Response, jsonify, request
 
 from app import metrics
-from app.errors import BadRequest, NotFound, TooLarge
+from app.errors import BadRequest, NotFound
 from app.http.artifacts import empty, serve_artifact
-from app.http.bodies import receive_body
+from app.http.bodies import decode_json, read_document, receive_body
 from app.http.routes import READ, WRITE, route
 from app.http.services import services, store
 from app.http.targets import QUERY_NAMESPACE, QUERY_TENANT, KeyRead, Sources, Target, Targets
-from app.storage.keys import validate_component
+from app.storage.keys import decimal_value, parse_decimal, validate_component
 from app.storage.multipart import MAX_PART_BYTES, Upload
 
 bp = Blueprint("module_cache", __name__)
@@ -27,7 +26,8 @@ PRODUCER = "module"
 NO_BODY_VERSION = (4, 202, 0)  # clients from here on understand 204 for "already cached"
 MAX_PART_NUMBER = 10_000
 MAX_COMPLETE_BODY = 1024 * 1024  # {"parts": [1..10000]} is ~60 KiB
-_VERSION = re.compile(r"^\s*v?(\d+)(?:\.(\d+))?(?:\.(\d+))?")
+_VERSION = re.compile(r"^\s*v?([0-9]+)(?:\.([0-9]+))?(?:\.([0-9]+))?")
+_VERSION_PART_MAX = 10**9
 
 
 class ModuleKey:
@@ -70,7 +70,9 @@ def _supports_no_content(header: str | None) -> bool:
     match = _VERSION.match(header or "")
     if not match:
         return False
-    version = tuple(int(part) if part else 0 for part in match.groups())
+    version = tuple(decimal_value(part or "0", _VERSION_PART_MAX) for part in match.groups())
+    if None in version:
+        return False  # a component no real version has: an old client's answer is the safe one
     return version >= NO_BODY_VERSION
 
 
@@ -96,11 +98,10 @@ def start(target: Target) -> Response:
        target=UPLOAD_TARGET)
 def part(target: Target) -> Response:
     upload = _open_upload(target)  # 404 before reading the body
-    raw_number = target.query.get("part_number", "")
-    if not raw_number.isdigit() or not 1 <= int(raw_number) <= MAX_PART_NUMBER:
-        raise BadRequest("Invalid part_number")
+    number = parse_decimal(target.query.get("part_number", ""), "part_number",
+                           minimum=1, maximum=MAX_PART_NUMBER)
     with receive_body(MAX_PART_BYTES, "Part exceeds 10MB limit") as staged:
-        services().uploads.put_part(upload.upload_id, int(raw_number), staged)
+        services().uploads.put_part(upload.upload_id, number, staged)
     return empty(204)
 
 
@@ -108,13 +109,8 @@ def part(target: Target) -> Response:
        target=UPLOAD_TARGET)
 def complete(target: Target) -> Response:
     upload = _open_upload(target)
-    raw = request.stream.read(MAX_COMPLETE_BODY + 1)
-    if len(raw) > MAX_COMPLETE_BODY:
-        raise TooLarge("Complete request body too large")
-    try:
-        doc = json.loads(raw or b"null")
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BadRequest("Invalid JSON body") from None
+    raw = read_document(MAX_COMPLETE_BODY, "Complete request body too large")
+    doc = decode_json(raw, "Invalid JSON body") if raw else None
     if not isinstance(doc, dict) or not isinstance(doc.get("parts"), list):
         raise BadRequest("Parts mismatch or missing parts")
     result = services().uploads.complete(upload.upload_id, doc["parts"])

@@ -27,7 +27,7 @@ def _view() -> dict[str, Any]:
     """The facts every probe document is made of, read once per request."""
     svc = services()
     node = svc.node_state
-    snapshot = read_snapshot(svc.settings.data_dir)
+    snapshot = read_snapshot(svc.settings.resolved_run_dir)
     draining = node.draining
     writer_lock = bool(node.get("writer_lock"))
     serving = bool(node.get("ready"))

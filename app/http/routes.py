@@ -28,8 +28,9 @@ from flask import Blueprint, Flask, g, request
 from gunicorn.util import split_request_uri
 from werkzeug.routing import BaseConverter
 
-from app.errors import BadRequest, NotFound, TooLarge
+from app.errors import NotFound
 from app.http.artifacts import serve_artifact
+from app.http.bodies import read_document
 from app.http.services import services
 from app.http.targets import Query, Sources, Target, TargetParser
 
@@ -207,21 +208,9 @@ def current_target() -> Target:
         svc = services()
         path, query_string = raw_target(request.environ)
         target = spec.parse_target(path, query_string, svc.settings.tenant_id,
-                                   read_body=_read_small_body,
+                                   read_body=read_document,
                                    max_document_bytes=svc.settings.max_keyvalue_bytes,
                                    uploads=svc.uploads)
         g.kura_target = target
     return target
 
-
-def _read_small_body(limit: int, too_large: str) -> bytes:
-    """A small request body (a document), whole, at most ``limit`` bytes."""
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise TooLarge(too_large)
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
-        raise TooLarge(too_large)
-    if declared is not None and len(raw) != declared:
-        raise BadRequest(f"Incomplete body: received {len(raw)} of {declared} bytes")
-    return raw

@@ -1,8 +1,13 @@
 """Capabilities service, and the limits the server advertises and enforces (SPEC §4).
 
 The batch limit is sized so that a full BatchReadBlobs response (blob bytes plus
-per-entry framing) still fits the 4 MiB default receive limit of gRPC clients,
-and the server's own message limits are that batch plus framing headroom.
+per-entry framing) still fits the 4 MiB default receive limit of gRPC clients.
+
+Every request the server accepts must be answerable, so the send limit is derived from
+the receive limit: a FindMissingBlobs answer lists at most the digests it was asked
+about (100,000 digests are a 7 MB request and up to a 7 MB answer), and a batch answer
+echoes its request's digests, adds at most a batch of blob bytes and one bounded status
+per entry. GetTree pages hold at most a batch of directory bytes.
 """
 from __future__ import annotations
 
@@ -18,10 +23,14 @@ MIB = 1024 * 1024
 MAX_BATCH_TOTAL_SIZE_BYTES = 3 * MIB
 # Digests in one batch request: bounds the framing (~100 bytes per entry) of a batch response.
 MAX_BATCH_ENTRIES = 8192
-# gRPC message limits. Sends: a full batch plus framing. Receives: also FindMissingBlobs
-# requests of very large actions (~75 bytes per digest) and UpdateActionResult documents.
-MAX_SEND_MESSAGE_BYTES = MAX_BATCH_TOTAL_SIZE_BYTES + 1 * MIB
+# A per-entry status message in a batch answer is cut to this many bytes.
+MAX_STATUS_MESSAGE_BYTES = 200
+# gRPC message limits. Receives: a full batch plus framing, FindMissingBlobs requests of
+# very large actions (~75 bytes per digest) and UpdateActionResult documents. Sends: the
+# largest answer to a request that was received (see the module docstring).
 MAX_RECEIVE_MESSAGE_BYTES = MAX_BATCH_TOTAL_SIZE_BYTES + 13 * MIB
+MAX_SEND_MESSAGE_BYTES = (MAX_RECEIVE_MESSAGE_BYTES + MAX_BATCH_TOTAL_SIZE_BYTES
+                          + MAX_BATCH_ENTRIES * (MAX_STATUS_MESSAGE_BYTES + 56))
 # ByteStream.Read chunk size: well under any client's receive limit.
 READ_CHUNK_BYTES = 1 * MIB
 

@@ -16,21 +16,26 @@ from google.protobuf.message import DecodeError
 
 from app.errors import BadRequest, DigestMismatch, KuraError, NotFound
 from app.reapi.cache import ReapiCache
-from app.reapi.capabilities import MAX_BATCH_ENTRIES, MAX_BATCH_TOTAL_SIZE_BYTES
+from app.reapi.capabilities import (MAX_BATCH_ENTRIES, MAX_BATCH_TOTAL_SIZE_BYTES,
+                                    MAX_STATUS_MESSAGE_BYTES)
 from app.reapi.digests import BlobDigest, namespace_for, parse_digest, parse_digests
 from app.reapi.errors import status_for
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from app.reapi.gen.google.rpc import status_pb2
+from app.storage.keys import parse_decimal
 
 DEFAULT_TREE_PAGE_SIZE = 1000
 MAX_TREE_PAGE_SIZE = 10000
+MAX_PAGE_TOKEN = 10**12 - 1  # a position in the walk
 
 
 def _status(exc: BaseException | None = None) -> status_pb2.Status:
+    """A batch entry's status; its message is bounded (the send limit counts on it)."""
     if exc is None:
         return status_pb2.Status(code=grpc.StatusCode.OK.value[0])
     code, message = status_for(exc)
+    message = message.encode()[:MAX_STATUS_MESSAGE_BYTES].decode(errors="ignore")
     return status_pb2.Status(code=code.value[0], message=message)
 
 
@@ -177,6 +182,4 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
 def _parse_page_token(token: str) -> int:
     if not token:
         return 0
-    if not token.isdigit() or len(token) > 12:
-        raise BadRequest("Invalid page_token")
-    return int(token)
+    return parse_decimal(token, "page_token", maximum=MAX_PAGE_TOKEN)

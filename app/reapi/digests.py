@@ -11,9 +11,10 @@ from typing import Iterable
 
 from app.errors import BadRequest
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from app.storage.keys import EMPTY_SHA256, validate_component
+from app.storage.keys import EMPTY_SHA256, parse_decimal, validate_component
 
 DEFAULT_NAMESPACE = "default"
+MAX_INT64 = 2**63 - 1  # Digest.size_bytes is an int64
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _UUID_LIKE = re.compile(r"^[0-9A-Za-z_.\-]{1,128}$")
 # Path segments REAPI reserves: an instance name never contains them, so they anchor the parse.
@@ -60,14 +61,15 @@ def parse_digest(digest: re_pb2.Digest | None, what: str = "digest") -> BlobDige
 def digest_from_parts(hash_hex: str, size: int | str, what: str = "digest") -> BlobDigest:
     if not _HEX64.match(hash_hex or ""):
         raise BadRequest(f"Invalid {what}: hash must be 64 hex characters (SHA256)")
-    try:
-        size_int = int(size)
-    except (TypeError, ValueError):
-        raise BadRequest(f"Invalid {what}: size must be an integer") from None
-    if size_int < 0:
+    if isinstance(size, str):  # from a resource name: canonical decimal, no leading zeros
+        not_decimal = f"Invalid {what}: size must be a decimal integer"
+        if len(size) > 1 and size[0] == "0":
+            raise BadRequest(not_decimal)
+        size_int = parse_decimal(size, what, maximum=MAX_INT64, message=not_decimal)
+    elif size < 0:
         raise BadRequest(f"Invalid {what}: size must not be negative")
-    if isinstance(size, str) and (not size.isdigit() or (len(size) > 1 and size[0] == "0")):
-        raise BadRequest(f"Invalid {what}: size must be a decimal integer")
+    else:
+        size_int = size
     hash_hex = hash_hex.lower()
     if size_int == 0 and hash_hex != EMPTY_SHA256:
         raise BadRequest(f"Invalid {what}: size 0 with a hash that is not the empty blob's")

@@ -19,6 +19,11 @@ class OutOfRange(KuraError):
     http_status = 416
 
 
+class UndecodableRequest(BadRequest):
+    """A request message that is not a valid protobuf of its type (random bytes, invalid
+    UTF-8 in a string field): INVALID_ARGUMENT, where grpcio would answer INTERNAL."""
+
+
 # Checked in order: subclasses (DigestMismatch, TruncatedBody are BadRequest) come first
 # where they need a different code.
 _CODES: tuple[tuple[type[KuraError], grpc.StatusCode], ...] = (

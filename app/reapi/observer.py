@@ -8,19 +8,25 @@ code into ``GRPC_REQUESTS``, and any exception is turned into a status with
 ``app.reapi.errors.status_for`` (the one mapping). The tenant named in the
 call's metadata is validated here for every call (``app.reapi.tenancy``), and
 while the node drains new calls are refused with UNAVAILABLE (probes excepted).
+
+Request messages are decoded here too: grpcio answers INTERNAL "Exception
+deserializing request!" before any interceptor runs when a handler's deserializer
+raises, so each handler gets one that never raises; a message that does not decode
+reaches the call as ``UndecodableRequest`` (INVALID_ARGUMENT) through the same map.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 import grpc
 
 from app import metrics
 from app.errors import Draining, TruncatedBody
 from app.node_state import NodeState
-from app.reapi.errors import status_for
+from app.reapi.errors import UndecodableRequest, status_for
 from app.reapi.tenancy import requested_tenant
 
 log = logging.getLogger("kura.reapi")
@@ -93,6 +99,37 @@ class _Call:
         self.observer.node_state.add_inflight(-1)
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a tolerant deserializer returns for bytes that are not a message of its type."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, whatever its kind
+            return _Undecodable(f"{type(exc).__name__}: {exc}")
+
+    return deserialize
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise UndecodableRequest(f"The request message could not be decoded ({request.error})")
+    return request
+
+
+def _decoded_stream(requests: Iterable[Any]) -> Iterator[Any]:
+    for request in requests:
+        yield _decoded(request)
+
+
 class RpcObserver(grpc.ServerInterceptor):
     """Wraps every method handler of the server (health and reflection included)."""
 
@@ -105,27 +142,27 @@ class RpcObserver(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        kwargs = {"request_deserializer": handler.request_deserializer,
+        kwargs = {"request_deserializer": _tolerant(handler.request_deserializer),
                   "response_serializer": handler.response_serializer}
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary), **kwargs)
+                self._unary(method, handler.unary_unary, _decoded), **kwargs)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, handler.stream_unary), **kwargs)
+                self._unary(method, handler.stream_unary, _decoded_stream), **kwargs)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._streaming(method, handler.unary_stream), **kwargs)
+                self._streaming(method, handler.unary_stream, _decoded), **kwargs)
         return grpc.stream_stream_rpc_method_handler(
-            self._streaming(method, handler.stream_stream), **kwargs)
+            self._streaming(method, handler.stream_stream, _decoded_stream), **kwargs)
 
-    def _unary(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Any]
-               ) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def _unary(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Any],
+               decoded: Callable[[Any], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             call = _Call(self, method)
             try:
                 call.admit(context)
-                response = behavior(request, context)
+                response = behavior(decoded(request), context)
             except Exception as exc:  # noqa: BLE001 - every failure gets a status here
                 call.fail(exc, context)
                 raise  # unreachable: fail() aborts
@@ -135,13 +172,14 @@ class RpcObserver(grpc.ServerInterceptor):
             return response
         return observed
 
-    def _streaming(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+    def _streaming(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+                   decoded: Callable[[Any], Any]
                    ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
         def observed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = _Call(self, method)
             try:
                 call.admit(context)
-                yield from behavior(request, context)
+                yield from behavior(decoded(request), context)
             except GeneratorExit:
                 call.finish(grpc.StatusCode.CANCELLED)
                 raise

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     logging.getLogger().setLevel(settings.log_level.upper())
 
-    node_state = NodeState(state_path(settings.data_dir))
+    node_state = NodeState(state_path(settings.resolved_run_dir))
     node_state.claim_slot(KIND_REAPI)
     store = ArtifactStore(settings, node_state=node_state)
     try:

@@ -43,6 +43,7 @@ from app.replication.receive import (SOURCE_REPLICATION, artifact_from_fields, c
                                      receive_frames)
 from app.settings import Settings
 from app.storage.catalog import MAX_PAGE, MAX_PREFIX_LEN
+from app.storage.keys import parse_decimal
 from app.storage.segments import Offload, direct_call
 from app.storage.store import APPLIED, ArtifactStore
 
@@ -59,9 +60,7 @@ def _int_arg(name: str, default: int | None = None, minimum: int = 0, maximum: i
         if default is None:
             raise BadRequest(f"Missing {name}")
         return default
-    if not raw.isdigit() or not minimum <= int(raw) <= maximum:
-        raise BadRequest(f"Invalid {name}")
-    return int(raw)
+    return parse_decimal(raw, name, minimum=minimum, maximum=maximum)
 
 
 def _read_input(n: int) -> bytes:

@@ -27,7 +27,7 @@ import gevent
 from gevent.pool import Pool
 
 from app import metrics
-from app.members import write_members
+from app.members import MembersPublisher
 from app.replication.peer_client import PeerClient, PeerError
 from app.replication.readiness import MeshState
 from app.replication.resolution import Resolver
@@ -71,6 +71,7 @@ class Membership:
         self.discovery = Discovery(settings, resolver)
         self._greenlet: gevent.Greenlet | None = None
         self._target_of: dict[str, str] = {}  # peer node URL -> the target that last reached it
+        self._members = MembersPublisher(settings.resolved_run_dir)
         self.rounds = 0
 
     def start(self) -> None:
@@ -126,8 +127,8 @@ class Membership:
         for url in left:
             metrics.MEMBERSHIP_PEER_CHANGES.labels("lost").inc()
             log.warning("event=peer_left peer=%s generation=%d", url, self.mesh.generation)
-        if self.mesh.generation != before or self.rounds == 1:
-            write_members(self.settings.data_dir, list(self.mesh.peers))
-            if self.mesh.generation != before:
-                log.info("event=membership_changed generation=%d peers=%d",
-                         self.mesh.generation, len(self.mesh.peers))
+        # Every round: written when changed, and again after a failed write (a full disk).
+        self._members.publish(list(self.mesh.peers))
+        if self.mesh.generation != before:
+            log.info("event=membership_changed generation=%d peers=%d",
+                     self.mesh.generation, len(self.mesh.peers))

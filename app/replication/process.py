@@ -40,7 +40,7 @@ def main() -> None:
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    node_state = NodeState(state_path(settings.data_dir))
+    node_state = NodeState(state_path(settings.resolved_run_dir))
     node_state.claim_slot(KIND_REPLICATOR)
     offload = cooperative_offload()
     store = ArtifactStore(settings, node_state=node_state, offload=offload)
@@ -63,7 +63,7 @@ def main() -> None:
                   lambda: (node_state.public_inflight(), node_state.public_latency_ewma_ms()))
     server = serve_internal_api(settings, create_internal_app(
         settings, store, known_peers=mesh.known_peers, offload=offload, pacer=pacer), tls)
-    publisher = Publisher(mesh, node_state, settings.data_dir)
+    publisher = Publisher(mesh, node_state, settings.resolved_run_dir)
 
     membership = Membership(settings, client, mesh, resolver)
     bootstrapper = Bootstrapper(settings, store, client, mesh, offload=offload, pacer=pacer)

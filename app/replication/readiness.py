@@ -7,7 +7,7 @@ initial discovery, 5 s have passed since the last generation change (topology
 change), and it has a clean bootstrap pass from every known peer. Once ready it
 stays ready until the next generation change ("serving" is sticky).
 
-The replicator publishes a snapshot (``<data_dir>/run/mesh.json``, atomic replace) and
+The replicator publishes a snapshot (``mesh.json`` in the run directory, atomic replace) and
 the flags in the shared node state; the HTTP workers build ``/up``, ``/ready`` and
 ``/status/rollout`` from them with ``ready_document`` and friends, so the bodies have
 one definition.
@@ -20,6 +20,9 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
+
+from app.run_dir import MESH
+from app.state_files import StateFile, read_json, replace_json
 
 log = logging.getLogger("kura.replicator")
 SETTLE_S = 5.0
@@ -199,10 +202,11 @@ class Publisher:
     """Decides readiness and publishes the mesh view every ``PUBLISH_S``: the flags and
     counts in the shared node state, the snapshot in ``run/mesh.json`` (when it changed)."""
 
-    def __init__(self, mesh: MeshState, node_state: Any, data_dir: str) -> None:
+    def __init__(self, mesh: MeshState, node_state: Any, run_dir: str) -> None:
         self.mesh = mesh
         self.node_state = node_state
-        self.data_dir = data_dir
+        self.run_dir = run_dir
+        self._file = StateFile(mesh_path(run_dir))
         self._last = ""
         self._greenlet: Any = None
 
@@ -218,8 +222,8 @@ class Publisher:
         node.set("bootstrap_inflight", len(snapshot["bootstrap_inflight_peers"]))
         node.set("ready", int(serving and not node.draining))
         key = json.dumps({k: v for k, v in snapshot.items() if k != "written_ms"}, sort_keys=True)
-        if key != self._last:
-            publish(self.data_dir, snapshot)
+        # A failed write (a full disk) leaves _last as it was: written again next time.
+        if key != self._last and self._file.write(snapshot):
             self._last = key
 
     def start(self) -> None:
@@ -240,24 +244,17 @@ class Publisher:
             self._greenlet.kill()
 
 
-def mesh_path(data_dir: str) -> str:
-    return os.path.join(data_dir, "run", "mesh.json")
+def mesh_path(run_dir: str) -> str:
+    return os.path.join(run_dir, MESH)
 
 
-def publish(data_dir: str, snapshot: dict[str, Any]) -> None:
-    path = mesh_path(data_dir)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(snapshot, fh)
-    os.replace(tmp, path)
+def publish(run_dir: str, snapshot: dict[str, Any]) -> None:
+    """Write the snapshot (raises OSError when it cannot be written)."""
+    replace_json(mesh_path(run_dir), snapshot)
 
 
-def read_snapshot(data_dir: str) -> dict[str, Any]:
-    try:
-        with open(mesh_path(data_dir)) as fh:
-            doc = json.load(fh)
-    except (FileNotFoundError, ValueError):
-        return {}
+def read_snapshot(run_dir: str) -> dict[str, Any]:
+    doc = read_json(mesh_path(run_dir))
     return doc if isinstance(doc, dict) else {}
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 from app import metrics
 from app.errors import BadRequest
 from app.replication.frames import FrameReader
-from app.storage.keys import MAX_KEY_BYTES, PRODUCERS, validate_component
+from app.storage.keys import MAX_KEY_BYTES, PRODUCERS, parse_decimal, validate_component
 from app.storage.staging import StagedBody
 from app.storage.store import ArtifactStore, ReplicatedArtifact, WriteResult
 
@@ -69,8 +69,8 @@ def artifact_from_fields(fields: dict[str, Any], body: bytes | tuple[int, int] =
 
 
 def _integer(value: Any, name: str, minimum: int, maximum: int = 1 << 62) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
+    if isinstance(value, str):
+        value = parse_decimal(value, name, minimum=minimum, maximum=maximum)
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise BadRequest(f"Invalid {name}")
     return value

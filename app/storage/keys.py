@@ -1,4 +1,4 @@
-"""Artifact identity (SPEC section 2) and validation of client-supplied ids and keys."""
+"""Artifact identity (SPEC section 2) and validation of client-supplied ids, keys and numbers."""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +11,8 @@ MAX_KEY_BYTES = 1024
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# ASCII digits only: str.isdigit() also accepts "²" or "٣", which int() then refuses or reads.
+_DECIMAL = re.compile(r"[0-9]+")
 
 
 def artifact_id(producer: str, tenant_id: str, namespace_id: str, key: str) -> bytes:
@@ -27,7 +29,11 @@ def validate_component(value: str, what: str, *, allow_slash: bool = False,
         if allow_empty:
             return value
         raise BadRequest(f"Missing {what}")
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): not text at all
+        raise BadRequest(f"Invalid {what}: not valid UTF-8") from None
+    if len(encoded) > MAX_KEY_BYTES:
         raise BadRequest(f"Invalid {what}: longer than {MAX_KEY_BYTES} bytes")
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise BadRequest(f"Invalid {what}: control characters are not allowed")
@@ -43,4 +49,23 @@ def validate_sha256_hex(value: str, what: str = "digest") -> str:
     value = value.lower()
     if not _HEX64.match(value):
         raise BadRequest(f"Invalid {what}: expected 64 hex characters")
+    return value
+
+
+def decimal_value(text: str, maximum: int) -> int | None:
+    """``text`` as a number if it is ASCII decimal digits only and at most ``maximum``, else
+    None. The length is checked before converting: no client string reaches ``int()`` long."""
+    if len(text) > len(str(maximum)) or not _DECIMAL.fullmatch(text):
+        return None
+    value = int(text)
+    return value if value <= maximum else None
+
+
+def parse_decimal(text: str, what: str, *, maximum: int, minimum: int = 0,
+                  message: str | None = None) -> int:
+    """A client-supplied decimal number in ``[minimum, maximum]``; ``BadRequest`` otherwise
+    (``message``, default ``Invalid {what}``)."""
+    value = decimal_value(text, maximum)
+    if value is None or value < minimum:
+        raise BadRequest(message or f"Invalid {what}")
     return value

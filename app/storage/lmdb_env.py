@@ -1,12 +1,26 @@
-"""Opening the node's LMDB environment (one per process, never across a fork)."""
+"""Opening the node's LMDB environment (one per process, never across a fork).
+
+LMDB maps its files: ``data.mdb`` read-only (no ``writemap``: pages are written with
+``pwrite``, so a full disk fails the commit instead of faulting a mapped page) and
+``lock.mdb`` read-write (the reader table, created sparse): its pages are allocated
+when the environment opens. Write transactions go through :func:`write_txn`, which
+turns "the disk is full" into ``BudgetExhausted`` (429 / RESOURCE_EXHAUSTED).
+"""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import lmdb
+
+from app.storage.backpressure import raise_if_lmdb_full
+
+log = logging.getLogger("kura.storage")
 
 DB_NAMES = (
     "manifests",      # artifact id (32 B) -> Manifest
@@ -36,14 +50,60 @@ class Databases:
     meta: object
 
 
+MAX_READERS = 2048
+# The size LMDB gives lock.mdb for MAX_READERS on 64-bit Linux: its header (MDB_txninfo,
+# 192 bytes) and 64-byte reader slots, the first one inside the header.
+_LOCK_FILE_BYTES = 192 + (MAX_READERS - 1) * 64
+
+
 def open_environment(data_dir: str, map_size: int) -> tuple[lmdb.Environment, Databases]:
     path = os.path.join(data_dir, "lmdb")
     os.makedirs(path, exist_ok=True)
+    _allocate_lock_file(os.path.join(path, "lock.mdb"))
     env = lmdb.open(path, map_size=map_size, max_dbs=len(DB_NAMES) + 2, subdir=True,
-                    lock=True, sync=True, metasync=True, readahead=False, max_readers=2048,
-                    max_spare_txns=16)
+                    lock=True, sync=True, metasync=True, readahead=False, max_readers=MAX_READERS,
+                    max_spare_txns=16, writemap=False)
     handles = {name: env.open_db(name.encode(), create=True) for name in DB_NAMES}
     return env, Databases(**handles)
+
+
+def _allocate_lock_file(path: str) -> None:
+    """Create the reader table allocated, before LMDB maps it (LMDB would create it sparse:
+    a reader slot first used while the disk is full would be SIGBUS). LMDB keeps a larger
+    file as it is. Done before the environment opens and skipped once allocated: closing a
+    descriptor of lock.mdb would drop the fcntl locks LMDB holds on it in this process."""
+    try:
+        st = os.stat(path)
+        if st.st_size >= _LOCK_FILE_BYTES and st.st_blocks * 512 >= st.st_size:
+            return
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, max(_LOCK_FILE_BYTES, os.fstat(fd).st_size))
+    except OSError as exc:
+        log.warning("event=lmdb_lock_file_not_allocated path=%s error=%r", path, exc.strerror)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def write_txn(env: lmdb.Environment) -> Iterator[lmdb.Transaction]:
+    """``env.begin(write=True)`` whose commit fails with ``BudgetExhausted`` when the disk
+    (or the LMDB map) is full; nothing of the transaction is kept then. Other errors pass.
+    Must not yield to another greenlet while it is open."""
+    txn = env.begin(write=True)
+    try:
+        yield txn
+    except BaseException as exc:
+        txn.abort()
+        raise_if_lmdb_full(env, exc)
+        raise
+    try:
+        txn.commit()
+    except lmdb.Error as exc:
+        raise_if_lmdb_full(env, exc)
+        raise
 
 
 def namespace_key(namespace_id: str) -> bytes:

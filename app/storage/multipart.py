@@ -7,6 +7,7 @@ in one commit; the upload's files are removed afterwards.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.errors import BadRequest, NotFound, Unprocessable
-from app.storage.lmdb_env import add_counter
+from app.storage.backpressure import raise_if_disk_full
+from app.storage.lmdb_env import add_counter, write_txn
 from app.storage.staging import StagedBody
 from app.storage.store import ArtifactStore, WriteResult
 
@@ -56,7 +58,7 @@ class MultipartUploads:
     def start(self, producer: str, namespace_id: str, key: str) -> str:
         upload_id = str(uuid.uuid4())
         upload = Upload(upload_id, producer, namespace_id, key, self.store.now_ms(), {})
-        with self.store.env.begin(write=True) as txn:
+        with write_txn(self.store.env) as txn:
             txn.put(upload_id.encode(), _encode(upload), db=self.store.dbs.multipart)
         return upload_id
 
@@ -78,21 +80,15 @@ class MultipartUploads:
             raise Unprocessable("Upload exceeds the 2 GiB total limit")
         name = f"{upload_id}.{part_number}.{uuid.uuid4().hex}"
         path = self._path(name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            copied = 0
-            while copied < staged.size:
-                copied += os.copy_file_range(staged.fd, fd, staged.size - copied, copied, copied)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
+            _copy_to_new_file(staged.fd, staged.size, path)
+        except OSError as exc:
+            raise_if_disk_full(exc)  # a full KURA_TMP_DIR is 429, like staging the part was
             raise
-        os.close(fd)
         replaced: str | None = None
         dbs = self.store.dbs
         try:
-            with self.store.env.begin(write=True) as txn:
+            with write_txn(self.store.env) as txn:
                 raw = txn.get(upload_id.encode(), db=dbs.multipart)
                 if raw is None:
                     raise NotFound("Upload not found")
@@ -134,7 +130,7 @@ class MultipartUploads:
 
     def remove(self, upload_id: str) -> bool:
         dbs = self.store.dbs
-        with self.store.env.begin(write=True) as txn:
+        with write_txn(self.store.env) as txn:
             raw = txn.get(upload_id.encode(), db=dbs.multipart)
             if raw is None:
                 return False
@@ -164,6 +160,25 @@ class MultipartUploads:
                 upload_id = entry.name.split(".", 1)[0]
                 if txn.get(upload_id.encode(), db=self.store.dbs.multipart) is None:
                     _unlink_quietly(entry.path)
+
+
+def _copy_to_new_file(src_fd: int, size: int, path: str) -> None:
+    """Copy ``size`` bytes of ``src_fd`` into a new file at ``path`` and fsync it; on any
+    error the new file is removed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        copied = 0
+        while copied < size:
+            n = os.copy_file_range(src_fd, fd, size - copied, copied, copied)
+            if n == 0:
+                raise OSError(errno.EIO, "staged part ended before its size")
+            copied += n
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(path)
+        raise
+    os.close(fd)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -11,7 +11,7 @@ import lmdb
 
 from app import metrics
 from app.errors import BudgetExhausted
-from app.storage.lmdb_env import Databases, next_counter, read_counter, u64
+from app.storage.lmdb_env import Databases, next_counter, read_counter, u64, write_txn
 
 
 class Outbox:
@@ -67,7 +67,7 @@ class Outbox:
         is only delivered twice, which is harmless)."""
         if not row_keys:
             return
-        with self._env.begin(write=True) as txn:
+        with write_txn(self._env) as txn:
             for key in row_keys:
                 txn.delete(key, db=self._dbs.outbox)
 
@@ -98,7 +98,7 @@ class Outbox:
         """Remove every row of a peer that left the membership."""
         prefix = peer.encode() + b"\0"
         removed = 0
-        with self._env.begin(write=True) as txn:
+        with write_txn(self._env) as txn:
             cursor = txn.cursor(db=self._dbs.outbox)
             if cursor.set_range(prefix):
                 while cursor.key().startswith(prefix):

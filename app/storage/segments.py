@@ -6,7 +6,14 @@ crash in between leaves unreferenced bytes in a segment (reclaimed when the
 segment is evicted), never a manifest pointing at missing bytes.
 
 Segments are never rewritten or truncated; space is reclaimed by unlinking a
-whole segment (see ``eviction.py``).
+whole segment (see ``eviction.py``), oldest id first. So that a segment's id says
+how old its artifacts are, a writer stops appending to its active segment
+``SEAL_AFTER_S`` after creating it (or when it is full, or when the evictor sealed
+it): every artifact in a segment was acknowledged within about a minute of the
+segment's creation.
+
+A segment's state is one JSON row in the ``segments`` table: the owner's pid, when
+it was created, and ``sealed`` once nothing may be appended to it any more.
 """
 from __future__ import annotations
 
@@ -23,10 +30,12 @@ import lmdb
 
 from app import metrics
 from app.errors import BudgetExhausted
-from app.storage.lmdb_env import Databases, next_counter, u64
+from app.storage.backpressure import raise_if_disk_full
+from app.storage.lmdb_env import Databases, next_counter, u64, write_txn
 
 Offload = Callable[..., object]
 COPY_SLICE = 8 * 1024 * 1024
+SEAL_AFTER_S = 60.0
 
 
 def direct_call(fn: Callable[..., object], *args: object) -> object:
@@ -50,35 +59,50 @@ def segment_path(segments_dir: str, segment_id: int) -> str:
     return os.path.join(segments_dir, f"{segment_id:016x}.seg")
 
 
+def segment_state(txn: lmdb.Transaction, dbs: Databases, segment_id: int) -> dict | None:
+    """The segment's row (None once it is evicted)."""
+    raw = txn.get(u64(segment_id), db=dbs.segments)
+    return json.loads(raw) if raw is not None else None
+
+
+def publishable(txn: lmdb.Transaction, dbs: Databases, segment_id: int) -> bool:
+    """Whether bytes appended to the segment may still be published: its eviction has not
+    begun (checked in the transaction that publishes them)."""
+    state = segment_state(txn, dbs, segment_id)
+    return state is not None and not state.get("evicting")
+
+
+def mark_sealed(txn: lmdb.Transaction, dbs: Databases, segment_id: int, by: str) -> None:
+    """Nothing may be appended to the segment any more (its owner sees it before its next
+    append). ``by``: "owner" or "evictor"."""
+    state = segment_state(txn, dbs, segment_id)
+    if state is not None and not state.get("sealed"):
+        state.update(sealed=True, sealed_by=by)
+        txn.put(u64(segment_id), json.dumps(state).encode(), db=dbs.segments)
+
+
 @dataclass
 class _Active:
     segment_id: int
     fd: int
-    end: int  # next free offset (reserved space included)
+    created: float  # clock seconds
+    end: int = 0  # next free offset (reserved space included)
     pending: int = 0
     sealed: bool = False
-
-
-def raise_if_disk_full(exc: OSError) -> None:
-    """Turn running out of disk or file descriptors into backpressure (429), not a 500."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        metrics.BACKPRESSURE.labels("disk").inc()
-        raise BudgetExhausted("disk is full: the data directory has no space left") from exc
-    if exc.errno in (errno.EMFILE, errno.ENFILE):
-        metrics.BACKPRESSURE.labels("file_descriptors").inc()
-        raise BudgetExhausted("file-descriptor budget exhausted") from exc
 
 
 class SegmentWriter:
     """This process's active segment. Safe for greenlets and threads."""
 
     def __init__(self, env: lmdb.Environment, dbs: Databases, segments_dir: str,
-                 max_bytes: int, offload: Offload = direct_call) -> None:
+                 max_bytes: int, offload: Offload = direct_call,
+                 clock: Callable[[], float] = time.time) -> None:
         self._env = env
         self._dbs = dbs
         self._dir = segments_dir
         self._max = max_bytes
         self._offload = offload
+        self._clock = clock
         self._lock = threading.Lock()
         self._active: _Active | None = None
         self._can_adopt = True
@@ -88,42 +112,63 @@ class SegmentWriter:
     def active_segment_id(self) -> int:
         return self._active.segment_id if self._active else 0
 
+    def _new_row(self, txn: lmdb.Transaction, **extra: object) -> int:
+        seg_id = next_counter(txn, self._dbs.meta, b"next_segment_id")
+        txn.put(u64(seg_id), json.dumps({"pid": os.getpid(), "created_ms": int(self._clock() * 1000),
+                                         **extra}).encode(), db=self._dbs.segments)
+        return seg_id
+
     def _open_new(self) -> _Active:
-        # Short write txn: allocate the id and register the segment as owned by us.
-        with self._env.begin(write=True) as txn:
-            seg_id = next_counter(txn, self._dbs.meta, b"next_segment_id")
-            txn.put(u64(seg_id), json.dumps({"pid": os.getpid(), "created_ms": int(time.time() * 1000),
-                                             "sealed": False}).encode(), db=self._dbs.segments)
+        # Short write txn: allocate the id and register the segment as owned by us. The row
+        # comes first: a segment file without a row is garbage (see eviction's sweep).
+        with write_txn(self._env) as txn:
+            seg_id = self._new_row(txn, sealed=False)
         path = segment_path(self._dir, seg_id)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             _fsync_dir(self._dir)
         except OSError as exc:
+            try:
+                with write_txn(self._env) as txn:
+                    txn.delete(u64(seg_id), db=self._dbs.segments)
+            except BudgetExhausted:
+                pass  # a row without a file: the evictor drops it in its turn
             raise_if_disk_full(exc)
             raise
         metrics.SEGMENTS_CREATED.inc()
-        return _Active(segment_id=seg_id, fd=fd, end=0)
+        return _Active(segment_id=seg_id, fd=fd, created=self._clock())
 
-    def _seal(self, seg: _Active) -> None:
+    def _retire(self, seg: _Active) -> None:
+        """Stop appending to ``seg`` (caller holds the lock); its fd closes with its last writer."""
         seg.sealed = True
-        with self._env.begin(write=True) as txn:
-            raw = txn.get(u64(seg.segment_id), db=self._dbs.segments)
-            if raw:
-                doc = json.loads(raw)
-                doc["sealed"] = True
-                txn.put(u64(seg.segment_id), json.dumps(doc).encode(), db=self._dbs.segments)
+        if seg.pending == 0:
+            os.close(seg.fd)
+        if self._active is seg:
+            self._active = None
+        with write_txn(self._env) as txn:
+            mark_sealed(txn, self._dbs, seg.segment_id, "owner")
         metrics.SEGMENT_ROTATIONS.inc()
+
+    def _must_rotate(self, seg: _Active, length: int) -> bool:
+        if seg.end > 0 and seg.end + length > self._max:
+            return True
+        if self._clock() - seg.created >= SEAL_AFTER_S:
+            return True
+        # The evictor seals the oldest segment, whoever owns it, when it needs its space (and
+        # on a disk too full to record that, unlinks it first).
+        with self._env.begin() as txn:
+            state = segment_state(txn, self._dbs, seg.segment_id)
+        return state is None or bool(state.get("sealed")) or os.fstat(seg.fd).st_nlink == 0
 
     def _reserve(self, length: int) -> tuple[_Active, int]:
         """Claim ``length`` bytes at the end of the active segment (rotating it first when
-        they would not fit); the segment stays open until the writer releases it."""
+        they would not fit, it is too old or it was sealed); the segment stays open until
+        the writer releases it."""
         with self._lock:
             seg = self._active
-            if seg is not None and seg.end > 0 and seg.end + length > self._max:
-                self._seal(seg)
-                if seg.pending == 0:
-                    os.close(seg.fd)
-                self._active = seg = None
+            if seg is not None and self._must_rotate(seg, length):
+                self._retire(seg)
+                seg = None
             if seg is None:
                 seg = self._active = self._open_new()
             seg.pending += 1
@@ -131,23 +176,34 @@ class SegmentWriter:
             seg.end += length
             return seg, offset
 
-    def _release(self, seg: _Active) -> None:
+    def _release(self, seg: _Active, offset: int, length: int, failed: bool) -> None:
         with self._lock:
             seg.pending -= 1
+            if failed and seg.end == offset + length:
+                seg.end = offset  # nothing after it: the next append reuses the space
             if seg.sealed and seg.pending == 0:
                 os.close(seg.fd)
 
     def _append(self, length: int, write: Callable[..., None], payload: object) -> tuple[int, int]:
         seg, offset = self._reserve(length)
+        failed = True
         try:
             try:
                 self._offload(write, seg.fd, offset, payload)
             except OSError as exc:
                 raise_if_disk_full(exc)
                 raise
+            failed = False
             return seg.segment_id, offset
         finally:
-            self._release(seg)
+            self._release(seg, offset, length, failed)
+
+    def rotate(self) -> None:
+        """Seal the active segment now; the next append starts a new one (the evictor, when
+        this process's active segment is the oldest)."""
+        with self._lock:
+            if self._active is not None:
+                self._retire(self._active)
 
     def append(self, sources: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
         """Copy ``(fd, src_offset, length)`` sources back to back into the active segment
@@ -169,15 +225,12 @@ class SegmentWriter:
         except OSError as exc:
             raise_if_disk_full(exc)
             raise
-        with self._env.begin(write=True) as txn:
-            seg_id = next_counter(txn, self._dbs.meta, b"next_segment_id")
-            txn.put(u64(seg_id), json.dumps({"pid": os.getpid(), "created_ms": int(time.time() * 1000),
-                                             "sealed": True, "adopted": True}).encode(),
-                    db=self._dbs.segments)
+        with write_txn(self._env) as txn:
+            seg_id = self._new_row(txn, sealed=True, adopted=True)
         try:
             _link_anonymous(fd, segment_path(self._dir, seg_id))
         except OSError as exc:
-            with self._env.begin(write=True) as txn:
+            with write_txn(self._env) as txn:
                 txn.delete(u64(seg_id), db=self._dbs.segments)
             if exc.errno in (errno.EXDEV, errno.ENOENT, errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
                 self._can_adopt = False
@@ -191,10 +244,10 @@ class SegmentWriter:
     def close(self) -> None:
         with self._lock:
             if self._active is not None:
-                self._seal(self._active)
-                if self._active.pending == 0:
-                    os.close(self._active.fd)
-                self._active = None
+                try:
+                    self._retire(self._active)
+                except BudgetExhausted:
+                    pass  # left unsealed: the evictor seals it when it is the oldest
 
 
 def _copy_and_sync(dst_fd: int, dst_offset: int, sources: list[tuple[int, int, int]]) -> None:

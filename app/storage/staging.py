@@ -12,34 +12,38 @@ import errno
 import hashlib
 import os
 import tempfile
-from typing import BinaryIO, Callable
+from typing import Callable
 
 from app.errors import BudgetExhausted, DigestMismatch, TooLarge, TruncatedBody
 from app.node_state import NodeState
-from app.storage.segments import raise_if_disk_full
+from app.storage.backpressure import raise_if_disk_full
 
 RESERVE_STEP = 1024 * 1024
 
 
-def _anonymous_file(directory: str) -> BinaryIO:
+def _anonymous_file(directory: str) -> int:
     """An unnamed file in ``directory``: gone by itself if the process dies. ``O_TMPFILE``
     without ``O_EXCL`` so that a finished large body can be linked in as a segment."""
     tmpfile_flag = getattr(os, "O_TMPFILE", 0)
     if tmpfile_flag:
         try:
-            fd = os.open(directory, tmpfile_flag | os.O_RDWR, 0o600)
+            return os.open(directory, tmpfile_flag | os.O_RDWR, 0o600)
         except IsADirectoryError:
             pass  # kernel or filesystem without O_TMPFILE
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EISDIR):
                 raise
-        else:
-            return os.fdopen(fd, "w+b")
-    return tempfile.TemporaryFile(dir=directory)
+    fd, path = tempfile.mkstemp(dir=directory)
+    os.unlink(path)
+    return fd
 
 
 class StagedBody:
-    """One body being received. Use as a context manager; the file is closed on exit."""
+    """One body being received. Use as a context manager; the file is closed on exit.
+
+    Bytes go straight to the file descriptor (no user-space buffer): a write the disk
+    cannot take fails in :meth:`write`, never again later when the file is closed.
+    """
 
     def __init__(self, area: "StagingArea", limit: int | None, too_large_message: str,
                  hashing: bool = True) -> None:
@@ -52,14 +56,13 @@ class StagedBody:
         self._hash = hashlib.sha256() if hashing else None
         try:
             try:
-                self._file = _anonymous_file(area.directory)
+                self.fd = _anonymous_file(area.directory)
             except FileNotFoundError:  # the staging directory was removed under us
                 os.makedirs(area.directory, exist_ok=True)
-                self._file = _anonymous_file(area.directory)
+                self.fd = _anonymous_file(area.directory)
         except OSError as exc:
             raise_if_disk_full(exc)
             raise
-        self.fd = self._file.fileno()
 
     def write(self, chunk: bytes) -> None:
         if not chunk:
@@ -69,8 +72,11 @@ class StagedBody:
             raise TooLarge(self._too_large)
         if new_size > self._reserved:
             self._reserve(max(RESERVE_STEP, new_size - self._reserved))
+        view = memoryview(chunk)
+        written = 0
         try:
-            self._file.write(chunk)
+            while written < len(view):
+                written += os.pwrite(self.fd, view[written:], self.size + written)
         except OSError as exc:
             raise_if_disk_full(exc)
             raise
@@ -92,12 +98,7 @@ class StagedBody:
             self._reserved = amount
 
     def finish(self, *, expected_size: int | None = None, expected_sha256: str | None = None) -> None:
-        """Flush and verify: a short body (client disconnect) or a wrong digest is rejected."""
-        try:
-            self._file.flush()
-        except OSError as exc:
-            raise_if_disk_full(exc)
-            raise
+        """Verify: a short body (client disconnect) or a wrong digest is rejected."""
         if expected_size is not None and self.size != expected_size:
             if self.size < expected_size:
                 raise TruncatedBody(
@@ -118,7 +119,9 @@ class StagedBody:
 
     def close(self) -> None:
         try:
-            self._file.close()
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
         finally:
             if self._reserved:
                 self._area.release(self._reserved)

@@ -10,6 +10,7 @@ Nothing may yield to another greenlet while that transaction is open.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -24,11 +25,15 @@ from app.settings import Settings
 from app.storage.keys import artifact_id as compute_artifact_id
 from app.members import MemberList
 from app.storage.catalog import Catalog
-from app.storage.lmdb_env import Databases, namespace_key, open_environment, read_counter, u64
+from app.storage.lmdb_env import (Databases, namespace_key, open_environment, read_counter, u64,
+                                   write_txn)
 from app.storage.manifest import Manifest, version_order
 from app.storage.outbox import Outbox
-from app.storage.segments import Offload, SegmentWriter, direct_call, raise_if_disk_full, segment_path
+from app.storage.backpressure import DISK_FULL_MESSAGE, raise_if_disk_full
+from app.storage.segments import Offload, SegmentWriter, direct_call, publishable, segment_path
 from app.storage.staging import StagedBody, StagingArea
+
+log = logging.getLogger("kura.storage")
 
 DELETE_BATCH = 2000
 ADOPT_MIN_BYTES = 8 * 1024 * 1024  # bodies from here on get a segment of their own
@@ -103,11 +108,11 @@ class ArtifactStore:
         self.tenant_id = settings.tenant_id
         self._clock = clock
         os.makedirs(settings.data_dir, exist_ok=True)
-        self.node_state = node_state or NodeState(state_path(settings.data_dir))
+        self.node_state = node_state or NodeState(state_path(settings.resolved_run_dir))
         self.env, self.dbs = open_environment(settings.data_dir, settings.lmdb_map_size)
         self.segments_dir = os.path.join(settings.data_dir, "segments")
         self.segments = SegmentWriter(self.env, self.dbs, self.segments_dir,
-                                      settings.segment_max_bytes, offload)
+                                      settings.segment_max_bytes, offload, clock)
         self.outbox = Outbox(self.env, self.dbs, settings.outbox_max_depth)
         self.catalog = Catalog(self.env, self.dbs)
         self.staging = StagingArea(os.path.join(settings.resolved_tmp_dir, "staging"),
@@ -116,7 +121,7 @@ class ArtifactStore:
         self.multipart_dir = os.path.join(settings.resolved_tmp_dir, "multipart")
         os.makedirs(self.multipart_dir, exist_ok=True)
         self.node_url = settings.resolved_node_url
-        self._members = MemberList(settings.data_dir, self.node_url)
+        self._members = MemberList(settings.resolved_run_dir, self.node_url)
         self._hot_watermark = 0
         self._hot_checked = 0.0
         self._hot_pending: set[bytes] = set()
@@ -241,12 +246,18 @@ class ArtifactStore:
             self.flush_read_marks()
 
     def flush_read_marks(self) -> None:
+        """Write the pending read marks. A read never fails for them: when they cannot be
+        written (a full disk, an I/O error) they are dropped."""
         pending, self._hot_pending = self._hot_pending, set()
         self._hot_flushed = self._clock()
-        if pending:
-            with self.env.begin(write=True) as txn:
+        if not pending:
+            return
+        try:
+            with write_txn(self.env) as txn:
                 for aid in pending:
                     txn.put(aid, b"", db=self.dbs.hot)
+        except (BudgetExhausted, lmdb.Error) as exc:
+            log.debug("event=read_marks_dropped count=%d error=%r", len(pending), str(exc))
 
     # -- writes -------------------------------------------------------------------
     def check_write_budget(self) -> None:
@@ -307,7 +318,7 @@ class ArtifactStore:
         results = []
         offset = base
         # Must not yield while this write transaction is open.
-        with self.env.begin(write=True) as txn:
+        with write_txn(self.env) as txn:
             for key, data in items:
                 aid = self.artifact_id(producer, namespace_id, key)
                 if data:
@@ -322,7 +333,7 @@ class ArtifactStore:
 
     def _commit(self, aid: bytes, manifest: Manifest, inline_body: bytes | None) -> WriteResult:
         # Must not yield while this write transaction is open.
-        with self.env.begin(write=True) as txn:
+        with write_txn(self.env) as txn:
             return self._commit_in(txn, aid, manifest, inline_body, None)
 
     def _replicated_outcome(self, txn: lmdb.Transaction, aid: bytes, namespace_id: str,
@@ -359,6 +370,11 @@ class ArtifactStore:
                 self.outbox.raise_if_full(txn)
             version = max(self.now_ms(), (old.version_ms + 1) if old else 0, tomb + 1)
             manifest = manifest.versioned(version, self.node_url)
+        if manifest.segment_id and not publishable(txn, dbs, manifest.segment_id):
+            # The evictor took the segment between the append and this commit (it was the
+            # oldest and the disk needed its space): publishing would point at nothing.
+            metrics.BACKPRESSURE.labels("disk").inc()
+            raise BudgetExhausted(DISK_FULL_MESSAGE, retry_after_s=1)
         txn.put(aid, manifest.encode(), db=dbs.manifests)
         txn.put(namespace_key(ns) + aid, b"", db=dbs.ns_index)
         if old is not None and old.segment_id and old.segment_id != manifest.segment_id:
@@ -420,7 +436,7 @@ class ArtifactStore:
                     offset += items[n].size
         results: list[WriteResult] = []
         # Must not yield while this write transaction is open.
-        with self.env.begin(write=True) as txn:
+        with write_txn(self.env) as txn:
             for n, (aid, item) in enumerate(zip(aids, items)):
                 if n not in winners:
                     results.append(WriteResult(aid, False, item.version_ms, early[n]))
@@ -447,7 +463,7 @@ class ArtifactStore:
     def delete_namespace(self, namespace_id: str) -> int:
         """Tombstone a namespace (reads stop seeing it at once), then remove its rows in batches.
         Returns the tombstone's version; the delete is replicated to every member."""
-        with self.env.begin(write=True) as txn:
+        with write_txn(self.env) as txn:
             old = self._tombstone(txn, self.dbs, namespace_id)
             version = max(self.now_ms(), old + 1)
             self._put_tombstone(txn, namespace_id, version)
@@ -459,7 +475,7 @@ class ArtifactStore:
     def apply_replicated_namespace_delete(self, namespace_id: str, version_ms: int) -> str:
         """A peer's namespace delete: APPLIED if newer than our tombstone, else IGNORED_OLDER.
         Artifacts of the namespace written at or before ``version_ms`` disappear."""
-        with self.env.begin(write=True) as txn:
+        with write_txn(self.env) as txn:
             if version_ms <= self._tombstone(txn, self.dbs, namespace_id):
                 return IGNORED_OLDER
             self._put_tombstone(txn, namespace_id, version_ms)
@@ -475,7 +491,7 @@ class ArtifactStore:
         dbs = self.dbs
         while True:
             removed = 0
-            with self.env.begin(write=True) as txn:
+            with write_txn(self.env) as txn:
                 cursor = txn.cursor(db=dbs.ns_index)
                 if not cursor.set_range(prefix):
                     break

@@ -164,7 +164,7 @@ def test_sigkill_mid_upload_then_restart(node_factory) -> None:
     threads = [threading.Thread(target=held_upload, args=(i,), daemon=True) for i in range(in_flight)]
     for t in threads:
         t.start()
-    node_state = NodeState(state_path(str(node.data_dir)))
+    node_state = NodeState(state_path(node.run_dir))
     deadline = time.monotonic() + 20
     while True:
         inflight = requests.get(node.url + "/status/rollout").json()["http_inflight_requests"]

@@ -1,8 +1,9 @@
-"""Fixtures: real Lua (lupa) runtimes built from Settings, a fake clock, a fake auth service."""
+"""Fixtures: real Lua (lupa) runtimes built from Settings, a fake clock, a fake auth service, a CPU-bound hook."""
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -36,7 +37,8 @@ def make_extensions(tmp_path: Path) -> Iterator[Callable[..., Extensions]]:
     built: list[Extensions] = []
 
     def make(script: str | Path, env: dict[str, str] | None = None, *, timeout_ms: int = 25,
-             clock: Callable[[], float] | None = None, tenant_id: str = "acme") -> Extensions:
+             clock: Callable[[], float] | None = None, tenant_id: str = "acme",
+             on_abandoned_limit: Callable[[], None] = lambda: None) -> Extensions:
         if isinstance(script, Path):
             path = script
         else:
@@ -46,7 +48,8 @@ def make_extensions(tmp_path: Path) -> Iterator[Callable[..., Extensions]]:
         settings = Settings(tenant_id=tenant_id, extension_enabled=True, extension_script_path=str(path),
                             extension_hook_timeout_ms=timeout_ms, kura_env=env)
         kwargs: dict[str, Any] = {"clock": clock} if clock is not None else {}
-        extensions = Extensions.from_settings(settings, **kwargs)
+        # Never the default (SIGTERM to this process): a test that reaches the bound says what to do.
+        extensions = Extensions.from_settings(settings, on_abandoned_limit=on_abandoned_limit, **kwargs)
         assert extensions is not None
         built.append(extensions)
         return extensions
@@ -119,3 +122,24 @@ def auth_service() -> Iterator[Callable[..., FakeAuthService]]:
     yield start
     for service in services:
         service.close()
+
+
+# A hook that burns CPU in Lua (not in a C call): ``{iterations}`` from ``lua_iterations_for``.
+CPU_HOOK = """
+function authenticate(ctx)
+  local x = 0
+  for i = 1, {iterations} do x = x + i % 7 end
+  return {{ principal = {{ id = "u" .. x % 2, kind = "user" }}, ttl_seconds = 0 }}
+end"""
+
+
+def lua_iterations_for(cpu_s: float) -> int:
+    """Iterations of ``CPU_HOOK``'s loop that take ``cpu_s`` of CPU on this machine."""
+    from lupa import lua54
+
+    lua = lua54.LuaRuntime()
+    loop = lua.eval("function(n) local x = 0 for i = 1, n do x = x + i % 7 end return x end")
+    loop(10_000)
+    started = time.thread_time()
+    loop(200_000)
+    return int(200_000 * cpu_s / (time.thread_time() - started))

@@ -161,6 +161,11 @@ def test_bytecode_script_is_refused(make_extensions, tmp_path) -> None:
     ({"KURA_EXTENSION_HTTP_CLIENT_A_BASE_URL": "http://x", "KURA_EXTENSION_HTTP_CLIENT_A_REQUEST_TIMEOUT_MS": "x"},
      "KURA_EXTENSION_HTTP_CLIENT_A_REQUEST_TIMEOUT_MS"),
     ({"KURA_EXTENSION_CACHE_MAX_ENTRIES": "0"}, "KURA_EXTENSION_CACHE_MAX_ENTRIES"),
+    # Each Lua state of the pool needs 1 MiB of the process's Lua memory.
+    ({"KURA_EXTENSION_MEMORY_LIMIT_BYTES": str(31 * 1024 * 1024)}, "KURA_EXTENSION_MEMORY_LIMIT_BYTES"),
+    ({"KURA_EXTENSION_RUNTIME_POOL_SIZE": "8", "KURA_EXTENSION_MEMORY_LIMIT_BYTES": "x"},
+     "KURA_EXTENSION_MEMORY_LIMIT_BYTES"),
+    ({"KURA_EXTENSION_MAX_ABANDONED_HOOKS": "0"}, "KURA_EXTENSION_MAX_ABANDONED_HOOKS"),
 ])
 def test_bad_extension_variables_name_the_variable(make_extensions, env, var) -> None:
     with pytest.raises(ConfigError, match=var):

@@ -21,7 +21,7 @@ def test_ready_follows_the_replicator_and_the_writer_lock(client, app, settings:
     assert r.status_code == 503 and r.json["state"] == "joining" and r.json["status"] == "not_ready"
     assert r.json["reasons"] == ["writer lock not held", "initial discovery incomplete"]
     node.set("writer_lock", 1)
-    publish(settings.data_dir, {"generation": 1, "initial_discovery_completed": True,
+    publish(settings.resolved_run_dir, {"generation": 1, "initial_discovery_completed": True,
                                 "settle_until_ms": 0, "known_peers": ["http://b:1"],
                                 "bootstrapped_peers": [], "bootstrap_inflight_peers": ["http://b:1"],
                                 "bootstrap_progress": [{"peer": "http://b:1", "phase": "manifests"}]})
@@ -45,7 +45,7 @@ def test_ready_follows_the_replicator_and_the_writer_lock(client, app, settings:
 
 def test_draining_answers_503_except_probes(client, app, settings: Settings) -> None:
     node = app.extensions["kura"].node_state
-    publish(settings.data_dir, {"generation": 1, "initial_discovery_completed": True})
+    publish(settings.resolved_run_dir, {"generation": 1, "initial_discovery_completed": True})
     node.set("ready", 1)
     node.set("writer_lock", 1)
     assert client.get("/ready").status_code == 200
@@ -93,7 +93,7 @@ def test_outbox_full_is_429(tmp_path) -> None:
 
     from app.members import write_members
 
-    write_members(str(tmp_path / "d"), ["http://peer:7443"])
+    write_members(str(tmp_path / "d" / "run"), ["http://peer:7443"])
     app = create_app(Settings(data_dir=str(tmp_path / "d"), node_url="http://self:7443",
                               outbox_max_depth=1))
     client = app.test_client()

@@ -39,7 +39,7 @@ def start_reapi() -> Iterator[Callable[[Settings], RunningReapi]]:
     started: list[RunningReapi] = []
 
     def start(settings: Settings) -> RunningReapi:
-        node_state = NodeState(state_path(settings.data_dir))
+        node_state = NodeState(state_path(settings.resolved_run_dir))
         node_state.claim_slot(KIND_REAPI)
         store = ArtifactStore(settings, node_state=node_state)
         server = build_server(settings, store, node_state, port=0)

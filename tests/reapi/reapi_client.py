@@ -8,7 +8,7 @@ from typing import Iterator
 
 import grpc
 
-from app.reapi.capabilities import MAX_RECEIVE_MESSAGE_BYTES
+from app.reapi.capabilities import MAX_RECEIVE_MESSAGE_BYTES, MAX_SEND_MESSAGE_BYTES
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from app.reapi.gen.google.bytestream import bytestream_pb2 as bs_pb2
@@ -52,7 +52,8 @@ class Reapi:
     def connect(cls, port: int) -> "Reapi":
         channel = grpc.insecure_channel(
             f"127.0.0.1:{port}",
-            options=[("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+            # As large as the server may send and as large as it accepts.
+            options=[("grpc.max_receive_message_length", MAX_SEND_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_RECEIVE_MESSAGE_BYTES)])
         return cls(channel, port)
 

@@ -230,7 +230,7 @@ def test_tmp_budget_exhausted_is_resource_exhausted(tmp_path) -> None:  # type: 
 
     settings = Settings(data_dir=str(tmp_path / "data"), tmp_dir_max_bytes=1024 * 1024,
                         node_url="http://self:7443")
-    node_state = NodeState(state_path(settings.data_dir))
+    node_state = NodeState(state_path(settings.resolved_run_dir))
     store = ArtifactStore(settings, node_state=node_state)
     server = build_server(settings, store, node_state, host="127.0.0.1", port=0)
     client = Reapi.connect(server.port)

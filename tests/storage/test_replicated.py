@@ -88,7 +88,7 @@ def test_replicated_namespace_delete(store: ArtifactStore) -> None:
 
 
 def test_replicated_writes_create_no_outbox_rows(settings: Settings) -> None:
-    write_members(settings.data_dir, ["http://peer:7443"])
+    write_members(settings.resolved_run_dir, ["http://peer:7443"])
     store = ArtifactStore(settings)
     store.apply_replicated([version("k", b"v", 10)])
     store.apply_replicated_namespace_delete("ns", 20)
@@ -141,7 +141,7 @@ def test_outbox_rows_go_to_published_members_only(settings: Settings) -> None:
     store = ArtifactStore(settings)
     put(store, "before", b"v")
     assert store.outbox.depth() == 0  # no members yet: a joining peer bootstraps instead
-    write_members(settings.data_dir, ["http://a:7443", "http://b:7443", "http://self:7443"])
+    write_members(settings.resolved_run_dir, ["http://a:7443", "http://b:7443", "http://self:7443"])
     store._members._checked = -1.0  # re-read now instead of within RECHECK_S
     put(store, "k", b"v")
     store.delete_namespace("ns")
@@ -154,7 +154,7 @@ def test_outbox_rows_go_to_published_members_only(settings: Settings) -> None:
 
 
 def test_outbox_is_read_a_window_at_a_time_and_completed_in_batches(settings: Settings) -> None:
-    write_members(settings.data_dir, ["http://a:7443"])
+    write_members(settings.resolved_run_dir, ["http://a:7443"])
     store = ArtifactStore(settings)
     for i in range(25):
         put(store, f"k{i}", b"v")
@@ -168,7 +168,7 @@ def test_outbox_is_read_a_window_at_a_time_and_completed_in_batches(settings: Se
 
 
 def test_outbox_over_max_depth_rejects_writes_without_partial_state(settings: Settings) -> None:
-    write_members(settings.data_dir, ["http://a:7443"])
+    write_members(settings.resolved_run_dir, ["http://a:7443"])
     store = ArtifactStore(settings.with_overrides(outbox_max_depth=2))
     put(store, "k1", b"1")
     put(store, "k2", b"2")

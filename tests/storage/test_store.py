@@ -185,7 +185,7 @@ def test_empty_body_is_stored_inline(store: ArtifactStore) -> None:
 
 
 def test_put_many_publishes_a_batch_with_one_append(settings: Settings) -> None:
-    write_members(settings.data_dir, ["http://a:7443"])
+    write_members(settings.resolved_run_dir, ["http://a:7443"])
     store = ArtifactStore(settings)
     items = [(f"blob/{i}", bytes([i]) * (i + 1)) for i in range(50)] + [("blob/empty", b"")]
     results = store.put_many("reapi", "default", items)
@@ -227,7 +227,7 @@ def test_eviction_also_keeps_a_free_space_reserve(settings: Settings) -> None:
 
 
 def test_outbox_rows_complete_and_drop_per_peer(settings: Settings) -> None:
-    write_members(settings.data_dir, ["http://a:7443", "http://b:7443"])
+    write_members(settings.resolved_run_dir, ["http://a:7443", "http://b:7443"])
     store = ArtifactStore(settings)
     for i in range(3):
         put(store, f"k{i}", b"v")
