@@ -43,6 +43,7 @@ from app.stop_signals import STOP_SIGNALS, held, ignore, release
 # The master imports this module to load the worker class: nothing here may import
 # prometheus_client (multiprocess files) or the app before the fork.
 _serving_paths: Any = None
+ANALYTICS_FLUSH_S = 2.0
 
 
 def sendfile_all(sock: Any, file_fd: int, offset: int, nbytes: int) -> None:
@@ -187,11 +188,23 @@ class KuraGeventWorker(GeventWorker):
         super().load_wsgi()
         from app.http.fast_reads import FastReads
 
-        settings = self.wsgi.extensions["kura"].settings
+        services = self.wsgi.extensions["kura"]
+        settings = services.settings
+        self._analytics = services.analytics
+        if self._analytics is not None:
+            self._analytics.start()  # this worker owns its analytics sender
         self._admission.header_timeout_s = settings.http_header_timeout_ms / 1000
         self._probe_paths = probe_paths(self.wsgi)
         self._fast_reads = FastReads.for_app(self.wsgi, sendfile_all)
         self.wsgi = _close_when_draining(self.wsgi)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            analytics = getattr(self, "_analytics", None)
+            if analytics is not None:
+                analytics.stop(timeout_s=ANALYTICS_FLUSH_S)  # best effort: what is queued
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
         conn = self._admission.current()

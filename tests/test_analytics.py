@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -148,3 +149,43 @@ def test_the_breaker_opens_after_failures_and_recovers(receiver: Receiver) -> No
     assert [json.loads(b)["events"][0]["cache_key"] for _, _, b in receiver.requests] == \
         ["fail-0", "fail-1", "probe", "after"]
     analytics.stop()
+
+
+def test_a_real_node_reports_namespace_scoped_cas_and_gradle_traffic(receiver: Receiver,
+                                                                      node_factory) -> None:  # type: ignore[no-untyped-def]
+    import requests
+
+    node = node_factory("node", KURA_ANALYTICS_SERVER_URL=receiver.url, KURA_ANALYTICS_SIGNING_KEY=KEY,
+                        KURA_ANALYTICS_BATCH_TIMEOUT_MS="200", KURA_HTTP_WORKERS="1")
+    q = "?tenant_id=acme&namespace_id=ios"
+    blob = b"x" * 100_000
+    assert requests.post(node.url + "/api/cache/cas/cas-1" + q, data=blob, timeout=10).status_code == 204
+    assert requests.get(node.url + "/api/cache/cas/cas-1" + q, timeout=10).content == blob  # fast path
+    assert requests.put(node.url + "/api/cache/gradle/gk" + q.replace("ios", "android"), data=b"g",
+                        timeout=10).status_code == 201
+    assert requests.get(node.url + "/api/cache/gradle/gk" + q.replace("ios", "android"),
+                        timeout=10).content == b"g"
+    assert requests.get(node.url + "/api/cache/cas/cas-1?tenant_id=acme", timeout=10).status_code == 404
+    requests.put(node.url + "/v1/cache/nx-hash", data=b"n", timeout=10)  # not reported
+    deadline = time.monotonic() + 10
+    events: dict[str, list[dict]] = {}
+    while time.monotonic() < deadline and sum(len(v) for v in events.values()) < 4:
+        time.sleep(0.1)
+        events = {}
+        for path, headers, body in list(receiver.requests):
+            assert headers["x-cache-signature"] == hmac.new(KEY.encode(), body, hashlib.sha256).hexdigest()
+            events.setdefault(path, []).extend(json.loads(body)["events"])
+    assert sorted((e["action"], e["size"]) for e in events["/webhooks/cache"]) == \
+        [("download", 100_000), ("upload", 100_000)]
+    assert all(e["account_handle"] == "acme" and e["project_handle"] == "ios" and e["cas_id"] == "cas-1"
+               for e in events["/webhooks/cache"])
+    assert sorted(e["action"] for e in events["/webhooks/gradle-cache"]) == ["download", "upload"]
+    # KURA_NODE_URL defaults to http://<hostname>:<internal port>.
+    assert receiver.requests[0][1]["x-cache-endpoint"] == \
+        f"{socket.gethostname()}:{node.env['KURA_INTERNAL_PORT']}"
+    # A receiver that hangs never slows a cache request.
+    receiver.hang_s = 5.0
+    started = time.monotonic()
+    for i in range(20):
+        requests.put(node.url + f"/api/cache/gradle/k{i}" + q, data=b"v", timeout=10)
+    assert time.monotonic() - started < 3.0

@@ -9,6 +9,7 @@ import logging
 
 from flask import Flask
 
+from app.analytics import Analytics
 from app.extensions import Extensions
 from app.http import errors, instrumentation, node_metrics, routes
 from app.http.services import NodeServices
@@ -32,7 +33,8 @@ def create_app(settings: Settings | None = None, *, store: ArtifactStore | None 
     routes.install(app)
     app.extensions["kura"] = NodeServices(settings=settings, store=store,
                                           uploads=MultipartUploads(store), node_state=node_state,
-                                          extensions=Extensions.from_settings(settings))
+                                          extensions=Extensions.from_settings(settings),
+                                          analytics=Analytics.from_settings(settings))
     errors.register_error_handlers(app)
     instrumentation.install(app)
 

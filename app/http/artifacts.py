@@ -5,8 +5,9 @@ from flask import Response, request
 
 from app import metrics
 from app.errors import KuraError, NotFound
+from app.http import routes
 from app.http.bodies import artifact_response, receive_body
-from app.http.services import store
+from app.http.services import services, store
 from app.storage.store import WriteResult
 
 
@@ -17,7 +18,16 @@ def serve_artifact(producer: str, namespace_id: str, key: str,
         metrics.ARTIFACT_READS.labels(producer, "miss").inc()
         raise NotFound(not_found)
     metrics.ARTIFACT_READS.labels(producer, "hit").inc()
+    if request.method == "GET":
+        _report("download", producer, namespace_id, key, located.size)
     return artifact_response(located, content_type)
+
+
+def _report(action: str, producer: str, namespace_id: str, key: str, size: int) -> None:
+    """An analytics event (``app.analytics``), when analytics are on; never blocks."""
+    analytics = services().analytics
+    if analytics is not None:
+        analytics.record(producer, routes.current_target().tenant_id, namespace_id, key, action, size)
 
 
 def store_upload(producer: str, namespace_id: str, key: str, limit: int,
@@ -34,6 +44,7 @@ def store_upload(producer: str, namespace_id: str, key: str, limit: int,
         raise
     metrics.ARTIFACT_WRITES.labels(producer, "created" if result.created else "updated").inc()
     metrics.ARTIFACT_WRITE_BYTES.labels(producer).inc(size)
+    _report("upload", producer, namespace_id, key, size)
     return result
 
 

@@ -90,6 +90,10 @@ class FastReads:
         metrics.HTTP_DURATION.labels(spec.template).observe(elapsed)
         self._node_state.note_latency(elapsed)  # bandwidth pacing (app.replication.pacing)
         metrics.ARTIFACT_READS.labels(located.manifest.producer, "hit").inc()
+        analytics = self._services.analytics
+        if analytics is not None and req.method == "GET":
+            analytics.record(located.manifest.producer, target.tenant_id, target.namespace_id,
+                             target.key or "", "download", located.size)
         if not keep_alive or req.should_close():
             raise StopIteration()  # gunicorn's way of ending the connection after this answer
         return True

@@ -12,6 +12,7 @@ from app.storage.multipart import MultipartUploads
 from app.storage.store import ArtifactStore
 
 if TYPE_CHECKING:
+    from app.analytics import Analytics
     from app.extensions import Extensions
 
 
@@ -22,6 +23,7 @@ class NodeServices:
     uploads: MultipartUploads
     node_state: NodeState
     extensions: "Extensions | None" = None
+    analytics: "Analytics | None" = None  # started by the HTTP worker, not by create_app
 
 
 def services() -> NodeServices:
