@@ -19,10 +19,10 @@ import requests
 from app.devmesh import LAYOUT
 from app.run_dir import default_run_dir
 from app.run_dir import remove as remove_run_dir
-from bench.proctree import free_ports
+from bench.proctree import descendants, free_ports
 from tests.nodes import REPO, session_processes
 
-READY_TIMEOUT_S = 25
+READY_TIMEOUT_S = 30
 # devmesh's own drain timeout (10 s) + the master's two stop graces + teardown.
 STOP_TIMEOUT_S = 20
 
@@ -73,8 +73,8 @@ class DevMeshProcess:
         return "".join(self.output) + logs
 
     def masters(self) -> list[int]:
-        """The node masters devmesh started: its direct children."""
-        found = children_of(self.process.pid)
+        """The node masters devmesh started: the session leaders below it."""
+        found = session_leaders_below(self.process.pid)
         self.seen_masters.update(found)
         return found
 
@@ -90,21 +90,16 @@ class DevMeshProcess:
             remove_run_dir(default_run_dir(str(self.base_dir / spec.name)))
 
 
-def children_of(parent: int) -> list[int]:
-    """Live direct children of ``parent``."""
-    children = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+def session_leaders_below(root: int) -> list[int]:
+    """The live processes under ``root`` that lead a session: the nodes' masters."""
+    leaders = []
+    for pid in descendants(root)[1:]:
         try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                raw = fh.read().decode(errors="replace")
-        except OSError:
+            if os.getsid(pid) == pid:
+                leaders.append(pid)
+        except ProcessLookupError:
             continue  # exited while we looked
-        state, ppid = raw[raw.rindex(")") + 2:].split()[:2]
-        if int(ppid) == parent and state != "Z":
-            children.append(int(name))
-    return children
+    return leaders
 
 
 @pytest.fixture
@@ -120,10 +115,9 @@ def test_devmesh_serves_a_replicating_mesh_and_stops_every_node_on_sigterm(
         devmesh: DevMeshProcess) -> None:
     devmesh.wait_for_line("devmesh: mesh ready", READY_TIMEOUT_S + 5)
     devmesh.wait_for_line("devmesh: Ctrl-C stops", 5)
+    # Every node leads a session of its own (so a terminal's Ctrl-C reaches devmesh only).
     masters = devmesh.masters()
     assert len(masters) == len(LAYOUT), devmesh.text()
-    # Every node leads a session of its own (so a terminal's Ctrl-C reaches devmesh only).
-    assert all(os.getsid(pid) == pid for pid in masters)
 
     urls = [f"http://127.0.0.1:{port}" for port in devmesh.http]
     for url, spec in zip(urls, LAYOUT):
