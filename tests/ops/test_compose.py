@@ -107,7 +107,7 @@ class ReadRecorder(Mapping[str, str]):
 def local_stack_environments() -> Iterator[tuple[str, dict[str, str]]]:
     """The KURA_* environment of every node of both local stacks."""
     for name in NODE_NAMES:
-        yield f"compose:{name}", {k: v for k, v in service(name)["environment"].items()}
+        yield f"compose:{name}", dict(service(name)["environment"])
     for spec in LAYOUT:
         yield f"devmesh:{spec.name}", {**NODE_DEFAULTS, **node_env(spec, LAYOUT, Path("/d"))}
 
