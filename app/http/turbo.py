@@ -61,10 +61,11 @@ class TeamNamespace:
     """The namespace is the team: query ``teamId``, else ``slug``; ``turbo`` without one."""
 
     def read(self, s: Sources) -> str:
-        team = s.query.get("teamId") or s.query.get("slug")
-        if not team:
-            return DEFAULT_NAMESPACE
-        return validate_component(team, "teamId")
+        for name in ("teamId", "slug"):
+            team = s.query.get(name)
+            if team:
+                return validate_component(team, name)
+        return DEFAULT_NAMESPACE
 
 
 @dataclass(frozen=True)

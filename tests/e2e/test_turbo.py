@@ -54,7 +54,8 @@ def workspace(root: Path) -> Path:
                                                  "dependencies": {"a": "*"}}}},
         "turbo.json": {"tasks": {"build": {"dependsOn": ["^build"], "outputs": ["dist/**"]}}},
         "packages/a/package.json": {"name": "a", "version": "1.0.0", "scripts": {
-            "build": "mkdir -p dist && head -c 300000 /dev/urandom > dist/blob && echo built-a > dist/out.txt"}},
+            "build": "mkdir -p dist && head -c 300000 /dev/urandom > dist/blob && "
+                     "echo built-a > dist/out.txt"}},
         "packages/b/package.json": {"name": "b", "version": "1.0.0", "dependencies": {"a": "*"},
                                     "scripts": {"build": "mkdir -p dist && cat ../a/dist/out.txt > "
                                                          "dist/out.txt && echo built-b >> dist/out.txt"}},
@@ -97,7 +98,9 @@ def metric(node: Any, name: str, **labels: str) -> float:
     total = 0.0
     for line in requests.get(node.url + "/metrics", timeout=5).text.splitlines():
         head, _, value = line.rpartition(" ")
-        if (head.startswith(name + "{") or head == name) and all(f'{k}="{v}"' in head for k, v in labels.items()):
+        if not (head.startswith(name + "{") or head == name):
+            continue
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
             total += float(value)
     return total
 

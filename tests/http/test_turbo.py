@@ -71,7 +71,8 @@ def test_status_and_events(client) -> None:
     r = client.post("/v8/artifacts/events?slug=acme", json=events)
     assert r.status_code == 200 and r.data == b""
     r = client.post("/v8/artifacts/events", json={"event": "HIT"})
-    assert r.status_code == 400 and r.json == turbo_error("bad_request", "Invalid events: expected a JSON array")
+    assert r.status_code == 400
+    assert r.json == turbo_error("bad_request", "Invalid events: expected a JSON array")
 
 
 @pytest.mark.parametrize("headers,message", [
@@ -163,3 +164,12 @@ def test_a_read_only_token_reads_but_cannot_write(hooked_app) -> None:
     assert client.post("/v8/artifacts", json={"hashes": ["h1"]}, headers=ro).json == {
         "h1": {"size": 1, "taskDurationMs": 0}}
     assert client.get("/v8/artifacts/status", headers=ro).json == {"status": "enabled"}
+
+
+@pytest.mark.parametrize("query,message", [
+    ("teamId=a%2Fb", "Invalid teamId: slashes are not allowed"),
+    ("slug=..", "Invalid slug: path traversal is not allowed"),
+])
+def test_a_malformed_team_is_a_400_naming_the_parameter(client, query: str, message: str) -> None:
+    r = client.get(f"/v8/artifacts/h1?{query}")
+    assert r.status_code == 400 and r.json == turbo_error("bad_request", message)
