@@ -18,6 +18,7 @@ from typing import Any, Callable
 import pytest
 import requests
 
+from tests.mesh import MeshNode
 from tests.nodes import REPO
 
 TURBO_VERSION = "2.5.8"
@@ -95,14 +96,7 @@ def run_turbo(turbo: Path, root: Path, api: str, token: str, team: str = "acme")
 
 
 def metric(node: Any, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in requests.get(node.url + "/metrics", timeout=5).text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if not (head.startswith(name + "{") or head == name):
-            continue
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
+    return MeshNode(node.data_dir.name, node).metric(name, **labels)
 
 
 def test_second_turbo_run_is_full_turbo_from_the_node(node_factory: Callable[..., Any], turbo: Path,
