@@ -10,6 +10,7 @@ WRITE = "artifact.write"
 INSPECT = "artifact.inspect"
 NAMESPACE_DELETE = "namespace.delete"
 CAPABILITIES_READ = "capabilities.read"
+REQUEST = "request"  # a call that reads or writes no artifact (Turborepo's usage events)
 
 
 @dataclass

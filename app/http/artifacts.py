@@ -32,12 +32,15 @@ def _report(action: str, producer: str, namespace_id: str, key: str, size: int) 
 
 def store_upload(producer: str, namespace_id: str, key: str, limit: int,
                  too_large: str = "Payload too large", expected_sha256: str | None = None,
-                 content_type: str | None = None) -> WriteResult:
-    """Receive the request body, verify it and publish it as one artifact."""
+                 content_type: str | None = None,
+                 headers: tuple[tuple[str, str], ...] = ()) -> WriteResult:
+    """Receive the request body, verify it and publish it as one artifact (with ``headers``
+    to send back on its downloads: ``Manifest.headers``)."""
     mimetype = content_type or request.mimetype or "application/octet-stream"
     try:
         with receive_body(limit, too_large, expected_sha256) as staged:
-            result = store().put_staged(producer, namespace_id, key, staged, mimetype)
+            result = store().put_staged(producer, namespace_id, key, staged, mimetype,
+                                        headers=headers)
             size = staged.size
     except KuraError as exc:
         metrics.ARTIFACT_WRITES.labels(producer, "rejected" if exc.http_status < 500 else "error").inc()

@@ -171,19 +171,21 @@ def artifact_response(located: Located, content_type: str | None = None,
     manifest = located.manifest
     mimetype = content_type or manifest.content_type or "application/octet-stream"
     producer = manifest.producer
+    headers = manifest.headers  # kept from the upload (Manifest.headers)
     if request.method == "HEAD":
-        response = Response(b"", status=status, content_type=mimetype)
+        response = Response(b"", status=status, content_type=mimetype, headers=headers)
         response.headers["Content-Length"] = str(manifest.size)
         return response
     metrics.ARTIFACT_READ_BYTES.labels(producer).inc(manifest.size)
     if located.inline_body is not None:
         metrics.SERVING_PATHS.labels("inline").inc()
-        return Response(located.inline_body, status=status, content_type=mimetype)
+        return Response(located.inline_body, status=status, content_type=mimetype, headers=headers)
     if manifest.size <= SMALL_BODY:
         # One pread beats a sendfile set-up for small bodies, and lets headers and body
         # leave in one write.
         metrics.SERVING_PATHS.labels("pread").inc()
-        return Response(store().read_bytes(located), status=status, content_type=mimetype)
+        return Response(store().read_bytes(located), status=status, content_type=mimetype,
+                        headers=headers)
     fh = store().open_body(located)
     wrapper = request.environ.get("wsgi.file_wrapper")
     if "gunicorn.socket" in request.environ and wrapper is not None:
@@ -193,7 +195,8 @@ def artifact_response(located: Located, content_type: str | None = None,
     else:
         metrics.SERVING_PATHS.labels("copy").inc()
         body = _bounded_reader(fh, manifest.size)
-    response = Response(body, status=status, content_type=mimetype, direct_passthrough=True)
+    response = Response(body, status=status, content_type=mimetype, direct_passthrough=True,
+                        headers=headers)
     response.headers["Content-Length"] = str(manifest.size)
     return response
 

@@ -105,7 +105,8 @@ class FastReads:
                 f"Server: kura\r\nDate: {_http_date()}\r\n"
                 f"Connection: {'close' if close else 'keep-alive'}\r\n"
                 f"Content-Type: {spec.content_type or manifest.content_type}\r\n"
-                f"Content-Length: {manifest.size}\r\n\r\n").encode("latin-1")
+                + "".join(f"{name}: {value}\r\n" for name, value in manifest.headers)
+                + f"Content-Length: {manifest.size}\r\n\r\n").encode("latin-1")
         if req.method == "HEAD":
             sock.sendall(head)
             return

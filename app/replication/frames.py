@@ -10,9 +10,10 @@ Python node at a few thousand small artifacts per second. kura-py peers also spe
     body   = exactly header["size"] bytes for an ``artifact`` frame, nothing otherwise
 
 Header ``t`` is ``artifact`` (with the manifest fields: producer, namespace_id, key,
-content_type, inline, size, version_ms, origin) or ``missing`` (bootstrap: the
-requested id is no longer held; ``artifact_id``). The stream ends at a frame boundary;
-ending anywhere else is a truncated transfer and nothing of it is applied.
+content_type, inline, size, version_ms, origin, and headers when it has any) or
+``missing`` (bootstrap: the requested id is no longer held; ``artifact_id``). The stream
+ends at a frame boundary; ending anywhere else is a truncated transfer and nothing of it
+is applied.
 """
 from __future__ import annotations
 

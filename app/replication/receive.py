@@ -9,13 +9,14 @@ commit. A truncated or malformed stream applies nothing.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 from app import metrics
 from app.errors import BadRequest
 from app.replication.frames import FrameReader
 from app.storage.keys import MAX_KEY_BYTES, PRODUCERS, parse_decimal, validate_component
+from app.storage.manifest import stored_headers
 from app.storage.staging import StagedBody
 from app.storage.store import ArtifactStore, ReplicatedArtifact, WriteResult
 
@@ -64,8 +65,9 @@ def artifact_from_fields(fields: dict[str, Any], body: bytes | tuple[int, int] =
         inline = inline == "true"
     if not isinstance(inline, bool):
         raise BadRequest("Invalid inline: expected true or false")
+    headers = stored_headers(fields.get("headers", {}))
     return ReplicatedArtifact(producer, namespace, key, content_type, version, origin, size,
-                              inline, body)
+                              inline, body, headers)
 
 
 def _integer(value: Any, name: str, minimum: int, maximum: int = 1 << 62) -> int:
@@ -100,9 +102,7 @@ def receive_frames(store: ArtifactStore, read: Callable[[int], bytes], source: s
         item = artifact_from_fields(header)
         offset = staged.size
         reader.copy_body(item.size, staged.write)
-        items.append(ReplicatedArtifact(item.producer, item.namespace_id, item.key,
-                                        item.content_type, item.version_ms, item.origin,
-                                        item.size, item.inline, (staged.fd, offset)))
+        items.append(replace(item, body=(staged.fd, offset)))
         received.bytes += item.size
     staged.finish()
     received.artifacts = len(items)

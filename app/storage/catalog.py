@@ -31,9 +31,12 @@ class ManifestEntry:
 
     def to_json(self) -> dict[str, Any]:
         m = self.manifest
-        return {"artifact_id": self.artifact_id, "producer": m.producer,
-                "namespace_id": m.namespace_id, "key": m.key, "content_type": m.content_type,
-                "inline": m.inline, "size": m.size, "version_ms": m.version_ms, "origin": m.origin}
+        doc = {"artifact_id": self.artifact_id, "producer": m.producer,
+               "namespace_id": m.namespace_id, "key": m.key, "content_type": m.content_type,
+               "inline": m.inline, "size": m.size, "version_ms": m.version_ms, "origin": m.origin}
+        if m.headers:
+            doc["headers"] = dict(m.headers)
+        return doc
 
 
 def check_prefix(prefix: str, what: str = "prefix") -> str:

@@ -2,7 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
+from typing import Any
+
+from app.errors import BadRequest
+
+MAX_STORED_HEADERS = 8
+MAX_STORED_HEADER_VALUE = 1024
+_HEADER_NAME = re.compile(r"[a-z0-9-]{1,64}")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")  # printable ASCII: nothing a response could split on
 
 
 @dataclass(frozen=True)
@@ -16,6 +25,10 @@ class Manifest:
     segment_id: int = 0  # 0: the body is stored inline in LMDB
     offset: int = 0
     origin: str = ""  # node URL that made this version (breaks version_ms ties)
+    # Response headers the protocol kept from the upload (Turborepo's ``x-artifact-duration``
+    # and ``x-artifact-tag``): part of the version, replicated with it, sent with every
+    # download of it.
+    headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def inline(self) -> bool:
@@ -34,6 +47,8 @@ class Manifest:
             doc["off"] = self.offset
         if self.origin:
             doc["o"] = self.origin
+        if self.headers:
+            doc["h"] = dict(self.headers)
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -41,7 +56,8 @@ class Manifest:
         doc = json.loads(raw)
         return cls(producer=doc["p"], namespace_id=doc["n"], key=doc["k"],
                    content_type=doc["ct"], version_ms=doc["v"], size=doc["s"],
-                   segment_id=doc.get("seg", 0), offset=doc.get("off", 0), origin=doc.get("o", ""))
+                   segment_id=doc.get("seg", 0), offset=doc.get("off", 0), origin=doc.get("o", ""),
+                   headers=tuple(doc.get("h", {}).items()))
 
     def relocated(self, segment_id: int, offset: int) -> "Manifest":
         return replace(self, segment_id=segment_id, offset=offset)
@@ -59,3 +75,18 @@ def version_order(version_ms: int, origin: str) -> tuple[int, str]:
     ``version_ms`` (a local write takes ``stored + 1`` at least), so the pair is unique.
     """
     return (version_ms, origin)
+
+
+def stored_headers(headers: Any) -> tuple[tuple[str, str], ...]:
+    """``headers`` (a mapping from a client or a peer) as ``Manifest.headers``, or
+    ``BadRequest``: a few lower-case names, printable ASCII values of bounded length."""
+    if not isinstance(headers, dict) or len(headers) > MAX_STORED_HEADERS:
+        raise BadRequest(f"Invalid headers: expected an object of at most {MAX_STORED_HEADERS} entries")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise BadRequest(f"Invalid header name {str(name)[:40]!r}")
+        if (not isinstance(value, str) or len(value) > MAX_STORED_HEADER_VALUE
+                or not _HEADER_VALUE.fullmatch(value)):
+            raise BadRequest(f"Invalid {name}: expected printable ASCII, at most "
+                             f"{MAX_STORED_HEADER_VALUE} characters")
+    return tuple(sorted(headers.items()))

@@ -91,6 +91,7 @@ class ReplicatedArtifact:
     size: int
     inline: bool
     body: bytes | tuple[int, int] = b""
+    headers: tuple[tuple[str, str], ...] = ()  # see ``Manifest.headers``
 
     @property
     def order(self) -> tuple[int, str]:
@@ -98,7 +99,7 @@ class ReplicatedArtifact:
 
     def manifest(self) -> Manifest:
         return Manifest(self.producer, self.namespace_id, self.key, self.content_type,
-                        self.version_ms, self.size, origin=self.origin)
+                        self.version_ms, self.size, origin=self.origin, headers=self.headers)
 
 
 class ArtifactStore:
@@ -277,24 +278,29 @@ class ArtifactStore:
         return self.staging.stage(limit, too_large_message, hashing)
 
     def put_staged(self, producer: str, namespace_id: str, key: str, staged: StagedBody,
-                   content_type: str = "application/octet-stream") -> WriteResult:
+                   content_type: str = "application/octet-stream", *,
+                   headers: tuple[tuple[str, str], ...] = ()) -> WriteResult:
         """Publish a verified staged body (see ``StagedBody.finish``). A large body becomes a
-        segment of its own by linking its staging file (no second copy of the bytes)."""
+        segment of its own by linking its staging file (no second copy of the bytes).
+        ``headers``: see ``Manifest.headers``."""
         if staged.size >= ADOPT_MIN_BYTES:
             seg_id = self.segments.adopt(staged.fd, staged.size)
             if seg_id is not None:
                 aid = self.artifact_id(producer, namespace_id, key)
-                manifest = Manifest(producer, namespace_id, key, content_type, 0, staged.size, seg_id, 0)
+                manifest = Manifest(producer, namespace_id, key, content_type, 0, staged.size, seg_id, 0,
+                                    headers=headers)
                 return self._commit(aid, manifest, None)
         return self.put_sources(producer, namespace_id, key, [(staged.fd, 0, staged.size)],
-                                content_type)
+                                content_type, headers=headers)
 
     def put_sources(self, producer: str, namespace_id: str, key: str,
-                    sources: Sequence[tuple[int, int, int]], content_type: str) -> WriteResult:
+                    sources: Sequence[tuple[int, int, int]], content_type: str, *,
+                    headers: tuple[tuple[str, str], ...] = ()) -> WriteResult:
         aid = self.artifact_id(producer, namespace_id, key)
         size = sum(length for _, _, length in sources)
         seg_id, offset = self.segments.append(sources) if size else (0, 0)
-        manifest = Manifest(producer, namespace_id, key, content_type, 0, size, seg_id, offset)
+        manifest = Manifest(producer, namespace_id, key, content_type, 0, size, seg_id, offset,
+                            headers=headers)
         return self._commit(aid, manifest, b"" if not size else None)
 
     def put_bytes(self, producer: str, namespace_id: str, key: str, data: bytes,

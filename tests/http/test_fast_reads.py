@@ -41,14 +41,20 @@ STORED = [
     ("/api/metro/cache/{k}", "metro", "m1", b"metro-default", None),
     ("/api/metro/cache/{k}", "p", "m1", b"metro-p", None),
     ("/api/metro/cache/{k}", "", "m1", b"metro-root", None),
+    ("/v8/artifacts/{k}", "turbo", "t1", b"turbo-default", None),
+    ("/v8/artifacts/{k}", "p", "t1", BIG, None),
+    ("/v8/artifacts/{k}", "acme", "t1", b"turbo-acme", None),
 ]
+# Turborepo's upload headers, kept with its artifacts and sent back by both paths.
+TURBO_KEPT = {"x-artifact-duration": "321", "x-artifact-tag": "dGFn"}
 KEYVALUE = [("", "kv1", "root"), ("p", "kv1", "p")]
 
-KEYS = ["c1", "g1", "n1", "m1", "kv1", "a b", "\u00e9", "missing"]
+KEYS = ["c1", "g1", "n1", "m1", "t1", "kv1", "a b", "\u00e9", "missing"]
 ODD_SEGMENTS = ["", "%2F", "a%2Fb", "..", "%2E%2E", ".", "%00", "%0A", "%FF", "%C3%28", "%", "%2",
                 "%zz", "+", "%2B", "x" * 1025, "_", "%5F", "p%00"]
-NAMESPACES = ["", "p", "_", "nx", "metro", "acme"]
-QUERY_NAMES = ["tenant_id", "account_handle", "namespace_id", "project_handle", "x", "TENANT_ID"]
+NAMESPACES = ["", "p", "_", "nx", "metro", "turbo", "acme"]
+QUERY_NAMES = ["tenant_id", "account_handle", "namespace_id", "project_handle", "slug", "teamId", "x",
+               "TENANT_ID"]
 QUERY_VALUES = ["", TENANT, "other", "p", "nx", "metro", "_", "%70", "%FF", "a%2Fb", "..", "%00", "p+q",
                 "%61cme", "x" * 1025]
 
@@ -64,7 +70,7 @@ ROUTES = {  # shape -> (path, the key stored for it)
     "cas": ("/api/cache/cas/{k}", "c1"), "keyvalue": ("/api/cache/keyvalue/{k}", "kv1"),
     "gradle": ("/api/cache/gradle/{k}", "g1"), "gradle_path": ("/gradle/{t}/{n}/{k}", "g1"),
     "nx": ("/v1/cache/{k}", "n1"), "nx_path": ("/nx/{n}/v1/cache/{k}", "n1"),
-    "metro": ("/api/metro/cache/{k}", "m1"),
+    "metro": ("/api/metro/cache/{k}", "m1"), "turbo": ("/v8/artifacts/{k}", "t1"),
 }
 
 
@@ -84,7 +90,7 @@ def query_string(draw: Any) -> str:
     if draw(st.booleans()):  # a well-formed scope first, so that hits are common
         pairs.append((draw(st.sampled_from(["tenant_id", "account_handle"])), TENANT, "="))
         if draw(st.booleans()):
-            pairs.append((draw(st.sampled_from(["namespace_id", "project_handle"])),
+            pairs.append((draw(st.sampled_from(["namespace_id", "project_handle", "slug", "teamId"])),
                           draw(st.sampled_from(NAMESPACES)), "="))
     pairs += draw(st.lists(st.tuples(st.sampled_from(QUERY_NAMES), st.sampled_from(QUERY_VALUES),
                                      st.sampled_from(["=", "", "=="])), max_size=4))
@@ -133,9 +139,12 @@ def worker(tmp_path: Path) -> Iterator[Any]:
     client = app.test_client()
     for template, namespace, key, body, content_type in STORED:
         url = template.replace("{k}", quote(key, safe="")) + f"?tenant_id={TENANT}&namespace_id={namespace}"
+        turbo = template.startswith("/v8/")
+        if turbo:
+            url += f"&slug={namespace}"
         r = client.open(url, method="POST" if "/cas/" in template else "PUT", data=body,
-                        content_type=content_type)
-        assert r.status_code in (200, 201, 204), (url, r.data)
+                        content_type=content_type, headers=TURBO_KEPT if turbo else {})
+        assert r.status_code in (200, 201, 202, 204), (url, r.data)
     for namespace, cas_id, value in KEYVALUE:
         assert client.put(f"/api/cache/keyvalue?tenant_id={TENANT}&namespace_id={namespace}",
                           json={"cas_id": cas_id, "entries": [{"value": value}]}).status_code == 204
@@ -203,9 +212,12 @@ def test_fast_path_and_blueprint_agree_on_generated_requests(worker: Any) -> Non
         served_fast = fast[1].get("server") == "kura"
         assert slow[1].get("server") != "kura"
         assert fast[0] == slow[0], raw_request
-        for name in ("content-type", "content-length"):
+        for name in ("content-type", "content-length", *TURBO_KEPT):
             assert fast[1].get(name) == slow[1].get(name), (raw_request, name)
         assert fast[2] == slow[2], raw_request
+        if raw_request.split(b" ")[1].startswith(b"/v8/") and fast[0] == 200:
+            assert {name: fast[1][name] for name in TURBO_KEPT} == TURBO_KEPT
+            stats["turbo hits"] += 1
         stats["cases"] += 1
         stats["served by the fast path"] += served_fast
         stats[f"status {slow[0]}"] += 1
@@ -217,6 +229,7 @@ def test_fast_path_and_blueprint_agree_on_generated_requests(worker: Any) -> Non
     # every hit it makes.
     assert stats["served by the fast path"] == stats["status 200"] >= MAX_EXAMPLES // 10
     assert stats["status 400"] >= MAX_EXAMPLES // 10 and stats["status 404"] >= MAX_EXAMPLES // 10
+    assert stats["turbo hits"] >= MAX_EXAMPLES // 100
 
 
 @pytest.mark.parametrize("target,status", [

@@ -172,3 +172,43 @@ def test_a_peer_of_another_tenant_is_never_admitted(tmp_path, peer) -> None:
                    "discovery")
     finally:
         other.stop()
+
+
+def turbo_frame(key: str, body: bytes, headers: object) -> bytes:
+    return encode_header({"t": "artifact", "producer": "turbo", "namespace_id": "acme", "key": key,
+                          "content_type": "application/octet-stream", "inline": False,
+                          "size": len(body), "version_ms": 20_000, "origin": "http://o",
+                          "headers": headers}) + body
+
+
+def test_kept_headers_travel_with_the_version(peer) -> None:
+    """Turborepo's x-artifact-duration/x-artifact-tag arrive in the frame header, are served
+    with the body, and are listed and framed again for a peer that bootstraps."""
+    kept = {"x-artifact-duration": "77", "x-artifact-tag": "dGFn"}
+    r = requests.post(peer.internal_url + "/_internal/replicate/batch",
+                      data=turbo_frame("t1", b"tarball", kept), timeout=10)
+    assert r.status_code == 200 and r.json() == {"artifacts": 1, "applied": 1}
+    got = requests.get(peer.url + "/v8/artifacts/t1?slug=acme", timeout=10)
+    assert got.content == b"tarball"
+    assert {name: got.headers[name] for name in kept} == kept
+    aid = artifact_id("turbo", TENANT, "acme", "t1").hex()
+    page = requests.get(peer.internal_url + f"/_internal/bootstrap/manifests?prefix={aid[:8]}",
+                        timeout=5).json()
+    assert [m["headers"] for m in page["manifests"] if m["artifact_id"] == aid] == [kept]
+    r = requests.post(peer.internal_url + "/_internal/bootstrap/bodies", json={"artifact_ids": [aid]},
+                      timeout=10)
+    header = next(FrameReader(io.BytesIO(r.content).read).headers())
+    assert header["headers"] == kept and header["key"] == "t1"
+
+
+@pytest.mark.parametrize("headers, message", [
+    ("x-artifact-tag", "Invalid headers"),
+    ({"X-Upper": "v"}, "Invalid header name"),
+    ({"x-artifact-tag": "a\r\nset-cookie: x"}, "Invalid x-artifact-tag"),
+    ({f"h{i}": "v" for i in range(9)}, "Invalid headers"),
+])
+def test_malformed_kept_headers_from_a_peer_are_400(peer, headers, message) -> None:
+    r = requests.post(peer.internal_url + "/_internal/replicate/batch",
+                      data=turbo_frame("t-bad", b"x", headers), timeout=10)
+    assert r.status_code == 400 and r.json()["message"].startswith(message)
+    assert requests.get(peer.url + "/v8/artifacts/t-bad?slug=acme", timeout=10).status_code == 404

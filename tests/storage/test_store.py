@@ -239,3 +239,20 @@ def test_outbox_rows_complete_and_drop_per_peer(settings: Settings) -> None:
     assert list(store.outbox.peers_with_rows()) == ["http://a:7443"]
     assert store.outbox.depth() == 2
     store.close()
+
+
+def test_kept_headers_are_part_of_the_version(store: ArtifactStore) -> None:
+    from app.storage.manifest import Manifest
+
+    kept = (("x-artifact-duration", "9"), ("x-artifact-tag", "dGFn"))
+    for size in (10, 9 * 1024 * 1024):  # appended to a segment, and a staged file adopted whole
+        with store.stage() as staged:
+            staged.write(b"t" * size)
+            staged.finish(expected_size=size)
+            store.put_staged("turbo", "web", f"h{size}", staged, headers=kept)
+        located = store.lookup("turbo", "web", f"h{size}")
+        assert located is not None and located.manifest.headers == kept
+        assert Manifest.decode(located.manifest.encode()) == located.manifest
+    # A manifest without headers encodes as before (nodes of the previous release read it).
+    plain = Manifest("gradle", "", "k", "x/y", 5, 1, 3, 0, "http://o")
+    assert b'"h"' not in plain.encode() and Manifest.decode(plain.encode()).headers == ()
