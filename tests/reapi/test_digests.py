@@ -25,7 +25,7 @@ def test_write_resource_allows_trailing_metadata() -> None:
 @pytest.mark.parametrize("resource", [
     "", "blobs", f"blobs/{H}", f"blobs/{H}/-1", f"blobs/{H}/1x", f"blobs/{'g' * 64}/1",
     f"blobs/{H}/1/extra", f"../blobs/{H}/1", f"a//b/blobs/{H}/1", f"blobs/{H}/01",
-    f"in\x00st/blobs/{H}/1", f"compressed-blobs/zstd/{H}/1", f"blobs/{H}/0",
+    f"in\x00st/blobs/{H}/1", f"compressed-blobs/brotli/{H}/1", f"blobs/{H}/0",
     # Sizes are ASCII decimals: "\u0665" (ARABIC-INDIC FIVE) is a digit to str.isdigit and int().
     f"blobs/{H}/\u0665", f"blobs/{H}/\u00b2", f"blobs/{H}/{'9' * 5000}", f"blobs/{H}/9223372036854775808",
 ])
