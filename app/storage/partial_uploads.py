@@ -81,7 +81,7 @@ class PartialUploads:
             return None
 
     @contextmanager
-    def open(self, upload_name: str, *, limit: int, too_large_message: str,
+    def open(self, upload_name: str, *, limit: int | None, too_large_message: str,
              digest_function: str) -> Iterator[PartialUpload]:
         """Open (or create) the upload, locked for this call; on exit keep it for a later
         call, or remove it when :meth:`PartialUpload.discard` was called."""
@@ -160,25 +160,27 @@ class PartialUploads:
                 add_counter(txn, dbs.meta, PARTIAL_UPLOAD_BYTES, delta)
 
     def expire(self, older_than_ms: int) -> int:
-        """Remove uploads last written before ``older_than_ms`` (and files no record owns,
-        left by a process killed mid-call, once they are as old); uploads a call holds
-        are left alone. Returns how many were removed."""
+        """Remove uploads last written before ``older_than_ms``: recorded ones by the time
+        of their record, files no record owns (a process killed mid-call) by their mtime.
+        Uploads a call holds are left alone, and records whose file is gone are dropped.
+        Returns how many uploads were removed."""
+        with self.store.env.begin() as txn:
+            recorded = {key.decode(): json.loads(raw)["ms"]
+                        for key, raw in txn.cursor(db=self.store.dbs.partial_uploads)}
         removed = 0
         for entry in os.scandir(self.directory):
-            try:
-                modified_ms = int(entry.stat().st_mtime * 1000)
-            except FileNotFoundError:
-                continue
-            if modified_ms >= older_than_ms or not self._recorded_before(entry.name, older_than_ms):
-                continue
-            if self._remove_unless_busy(entry.name):
+            last_ms = recorded.pop(entry.name, None)
+            if last_ms is None:
+                try:
+                    last_ms = int(entry.stat().st_mtime * 1000)
+                except FileNotFoundError:
+                    continue
+            if last_ms < older_than_ms and self._remove_unless_busy(entry.name):
                 removed += 1
+        for name in recorded:  # no file: the tmp dir was cleaned under us
+            if not os.path.exists(os.path.join(self.directory, name)):
+                self._set_record(name, None)
         return removed
-
-    def _recorded_before(self, name: str, older_than_ms: int) -> bool:
-        with self.store.env.begin() as txn:
-            raw = txn.get(name.encode(), db=self.store.dbs.partial_uploads)
-        return raw is None or json.loads(raw)["ms"] < older_than_ms
 
     def _remove_unless_busy(self, name: str) -> bool:
         path = os.path.join(self.directory, name)
