@@ -1,8 +1,10 @@
 """zstd compressed-blobs over ByteStream and the CAS batch calls, against a real grpcio server."""
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
+from typing import Iterator
 
 import grpc
 import zstandard
@@ -146,3 +148,46 @@ def test_batch_update_and_read_with_zstd(reapi: RunningReapi) -> None:
         instance_name="ci", digests=digests), timeout=30)
     assert [(r.compressor, r.data) for r in plain.responses] == [(re_pb2.Compressor.IDENTITY, b) for b in blobs]
     assert reapi.client.download(digests[0], "ci") == blobs[0]
+
+
+def peak_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_large_zstd_blob_is_streamed_not_held_in_memory(spawn) -> None:  # type: ignore[no-untyped-def]
+    """96 MiB that compress to almost nothing, written and read compressed through the REAPI
+    process: its peak RSS grows by far less than the blob."""
+    proc = spawn()
+    client = proc.wait_listening(60)
+    size = 96 * 1024 * 1024
+    block = os.urandom(4096)
+    hasher = hashlib.sha256()
+    for _ in range(size // len(block)):
+        hasher.update(block)
+    d = re_pb2.Digest(hash=hasher.hexdigest(), size_bytes=size)
+    client.missing([d])  # warm the process up before the baseline
+    baseline = peak_rss_bytes(proc.process.pid)
+
+    def wire() -> Iterator[bs_pb2.WriteRequest]:
+        compressor = zstandard.ZstdCompressor(level=1).compressobj()
+        resource, offset = compressed_upload(d), 0
+        for _ in range(size // len(block)):
+            out = compressor.compress(block)
+            if out:
+                yield bs_pb2.WriteRequest(resource_name=resource if offset == 0 else "",
+                                          write_offset=offset, data=out)
+                offset += len(out)
+        yield bs_pb2.WriteRequest(resource_name=resource if offset == 0 else "", write_offset=offset,
+                                  data=compressor.flush(), finish_write=True)
+
+    assert client.bytestream.Write(wire(), timeout=120).committed_size > 0
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    check = hashlib.sha256()
+    for response in client.bytestream.Read(bs_pb2.ReadRequest(resource_name=compressed_read(d)), timeout=120):
+        check.update(decompressor.decompress(response.data))
+    assert check.hexdigest() == d.hash
+    assert peak_rss_bytes(proc.process.pid) - baseline < size // 3
