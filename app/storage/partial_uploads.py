@@ -100,7 +100,7 @@ class PartialUploads:
         finally:
             # The lock is held until body.close(): record or remove before releasing it.
             try:
-                if upload.discarded:
+                if upload.discarded or body.size == 0:  # nothing worth keeping
                     os.unlink(path)
                     self._set_record(name, None)
                 else:

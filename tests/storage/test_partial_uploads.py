@@ -23,6 +23,8 @@ def test_kept_bytes_count_against_the_budget_until_finished(settings: Settings) 
     uploads = PartialUploads(store)
     with open_upload(uploads) as upload:
         assert upload.kept_bytes == 0
+    assert uploads.committed_bytes("ns\0u1\0blob/h/100") is None  # an empty upload is not kept
+    with open_upload(uploads) as upload:
         upload.body.write(b"a" * 40)
     assert uploads.committed_bytes("ns\0u1\0blob/h/100") == 40
     assert store.staging.used_bytes() == 40
