@@ -145,7 +145,7 @@ def receive_body(limit: int, too_large_message: str = "Payload too large",
             staged.write(chunk)
             if remaining is not None:
                 remaining -= len(chunk)
-        staged.finish(expected_size=declared, expected_sha256=expected_sha256)
+        staged.finish(expected_size=declared, expected_hash=expected_sha256)
     except BaseException:
         staged.close()
         raise

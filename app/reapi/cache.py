@@ -10,11 +10,13 @@ paths: everything goes through ``ArtifactStore``.
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from typing import BinaryIO, Callable, Iterable, Iterator, TypeVar
 
 from app import metrics
 from app.errors import KuraError, NotFound
-from app.reapi.digests import BlobDigest
+from app.reapi.digests import BlobDigest, WriteResource
+from app.storage.partial_uploads import PartialUpload, PartialUploads
 from app.storage.staging import StagedBody
 from app.storage.store import ArtifactStore, Located
 
@@ -29,6 +31,7 @@ class ReapiCache:
 
     def __init__(self, store: ArtifactStore) -> None:
         self.store = store
+        self.partial_uploads = PartialUploads(store)
 
     # -- CAS presence ---------------------------------------------------------------
     def missing(self, namespace: str, digests: Iterable[BlobDigest]) -> list[BlobDigest]:
@@ -131,15 +134,22 @@ class ReapiCache:
         """Raise BudgetExhausted (→ RESOURCE_EXHAUSTED) before any byte is received."""
         self.store.check_write_budget()
 
-    def stage(self, digest: BlobDigest) -> StagedBody:
-        """A staging file for an incoming blob, limited to its announced size."""
-        return self.store.stage(limit=digest.size,
-                                too_large_message=f"More data than the {digest.size} bytes of {digest}")
+    def resume_upload(self, resource: WriteResource) -> AbstractContextManager[PartialUpload]:
+        """The ByteStream upload ``resource`` names, with the bytes earlier calls kept, locked
+        for this call and limited to the blob's announced size."""
+        digest = resource.digest
+        return self.partial_uploads.open(
+            resource.upload_name, limit=digest.size, digest_function=digest.function,
+            too_large_message=f"More data than the {digest.size} bytes of {digest}")
+
+    def committed_upload_bytes(self, resource: WriteResource) -> int | None:
+        """Bytes kept for an unfinished upload (None: nothing kept)."""
+        return self.partial_uploads.committed_bytes(resource.upload_name)
 
     def put_staged(self, namespace: str, digest: BlobDigest, staged: StagedBody) -> None:
-        """Verify size and sha256 of a staged body, then publish it (acknowledged = durable)."""
+        """Verify size and hash of a staged body, then publish it (acknowledged = durable)."""
         with _WriteOutcome():
-            staged.finish(expected_size=digest.size, expected_sha256=digest.hash)
+            staged.finish(expected_size=digest.size, expected_hash=digest.hash)
             if digest.is_empty:
                 return
             result = self.store.put_staged(PRODUCER, namespace, digest.cas_key, staged)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import grpc
 
-from app.reapi.digests import namespace_for
+from app.reapi.compression import ADVERTISED as ADVERTISED_COMPRESSORS
+from app.reapi.digests import DIGEST_FUNCTIONS, namespace_for
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from app.reapi.gen.build.bazel.semver import semver_pb2
@@ -39,10 +40,13 @@ HIGH_API_VERSION = semver_pb2.SemVer(major=2, minor=3)
 
 
 def server_capabilities() -> re_pb2.ServerCapabilities:
-    """What this cache supports: SHA256 digests, AC updates, no execution."""
+    """What this cache supports: SHA256 and BLAKE3 digests, zstd compressed blobs (ByteStream
+    and batches), AC updates, no execution."""
     return re_pb2.ServerCapabilities(
         cache_capabilities=re_pb2.CacheCapabilities(
-            digest_function=[re_pb2.DigestFunction.SHA256],
+            digest_functions=DIGEST_FUNCTIONS,
+            supported_compressors=ADVERTISED_COMPRESSORS,
+            supported_batch_update_compressors=ADVERTISED_COMPRESSORS,
             action_cache_update_capabilities=re_pb2.ActionCacheUpdateCapabilities(update_enabled=True),
             cache_priority_capabilities=re_pb2.PriorityCapabilities(
                 priorities=[re_pb2.PriorityCapabilities.PriorityRange(min_priority=0, max_priority=0)]),

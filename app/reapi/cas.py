@@ -7,27 +7,33 @@ the same ``status_for`` mapping as whole-call failures.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from typing import Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from app.errors import BadRequest, DigestMismatch, KuraError, NotFound
+from app.errors import BadRequest, DigestMismatch, KuraError, NotFound, TooLarge
 from app.reapi.cache import ReapiCache
 from app.reapi.capabilities import (MAX_BATCH_ENTRIES, MAX_BATCH_TOTAL_SIZE_BYTES,
                                     MAX_STATUS_MESSAGE_BYTES)
-from app.reapi.digests import BlobDigest, namespace_for, parse_digest, parse_digests
+from app.reapi.compression import (IDENTITY, ZSTD, compress, compressor_from_enum,
+                                   decompress_bounded, to_enum)
+from app.reapi.digests import (BlobDigest, digest_function_for, namespace_for, parse_digest,
+                               parse_digests)
 from app.reapi.errors import status_for
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from app.reapi.gen.google.rpc import status_pb2
+from app.storage.content_digests import new_hasher
 from app.storage.keys import parse_decimal
 
 DEFAULT_TREE_PAGE_SIZE = 1000
 MAX_TREE_PAGE_SIZE = 10000
 MAX_PAGE_TOKEN = 10**12 - 1  # a position in the walk
+# Decompressed bytes of one BatchUpdateBlobs (the announced sizes of its compressed entries
+# count): bounds the memory a batch of small zstd payloads can expand to.
+MAX_BATCH_DECOMPRESSED_BYTES = 16 * MAX_BATCH_TOTAL_SIZE_BYTES
 
 
 def _status(exc: BaseException | None = None) -> status_pb2.Status:
@@ -53,42 +59,53 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
     def FindMissingBlobs(self, request: re_pb2.FindMissingBlobsRequest,
                          context: grpc.ServicerContext) -> re_pb2.FindMissingBlobsResponse:
         namespace = namespace_for(request.instance_name)
-        digests = parse_digests(request.blob_digests, "blob digest")
+        digests = parse_digests(request.blob_digests, "blob digest",
+                                digest_function_for(request.digest_function))
         missing = self.cache.missing(namespace, digests)
         return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[d.to_proto() for d in missing])
 
     def BatchUpdateBlobs(self, request: re_pb2.BatchUpdateBlobsRequest,
                          context: grpc.ServicerContext) -> re_pb2.BatchUpdateBlobsResponse:
         namespace = namespace_for(request.instance_name)
+        function = digest_function_for(request.digest_function)
         _check_entries(len(request.requests))
         total = sum(len(r.data) for r in request.requests)
         if total > MAX_BATCH_TOTAL_SIZE_BYTES:
             raise BadRequest(f"Batch of {total} bytes exceeds max_batch_total_size_bytes "
                              f"({MAX_BATCH_TOTAL_SIZE_BYTES})")
+        expanded = sum(max(0, r.digest.size_bytes) for r in request.requests
+                       if r.compressor != re_pb2.Compressor.IDENTITY)
+        if expanded > MAX_BATCH_DECOMPRESSED_BYTES:
+            raise BadRequest(f"Compressed blobs of {expanded} bytes in one batch exceed "
+                             f"{MAX_BATCH_DECOMPRESSED_BYTES} bytes")
         self.cache.check_write_budget()
         parsed: list[BlobDigest | BaseException] = []
+        datas: list[bytes] = []
         for entry in request.requests:
             try:
-                parsed.append(parse_digest(entry.digest, "blob digest"))
+                digest = parse_digest(entry.digest, "blob digest", function)
+                datas.append(_decoded(entry, digest))
+                parsed.append(digest)
             except BadRequest as exc:
+                datas.append(b"")
                 parsed.append(exc)
         present = {d for d in parsed if isinstance(d, BlobDigest)}
         present -= set(self.cache.missing(namespace, present))
         response = re_pb2.BatchUpdateBlobsResponse()
         to_store: list[tuple[BlobDigest, bytes]] = []
         stored_items = []
-        for entry, digest in zip(request.requests, parsed):
+        for entry, digest, data in zip(request.requests, parsed, datas):
             item = response.responses.add(digest=entry.digest)
             if isinstance(digest, BaseException):
                 item.status.CopyFrom(_status(digest))
                 continue
-            if len(entry.data) != digest.size or hashlib.sha256(entry.data).hexdigest() != digest.hash:
+            if not _matches(data, digest):
                 item.status.CopyFrom(_status(DigestMismatch(f"Blob data does not match digest {digest}")))
                 continue
             if digest in present:
                 self.cache.note_existing_write()
             else:
-                to_store.append((digest, entry.data))
+                to_store.append((digest, data))
                 present.add(digest)
                 stored_items.append(item)
                 continue
@@ -108,16 +125,23 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
     def BatchReadBlobs(self, request: re_pb2.BatchReadBlobsRequest,
                        context: grpc.ServicerContext) -> re_pb2.BatchReadBlobsResponse:
         namespace = namespace_for(request.instance_name)
+        function = digest_function_for(request.digest_function)
         _check_entries(len(request.digests))
         total = sum(max(0, d.size_bytes) for d in request.digests)
         if total > MAX_BATCH_TOTAL_SIZE_BYTES:
             raise BadRequest(f"Batch read of {total} bytes exceeds max_batch_total_size_bytes "
                              f"({MAX_BATCH_TOTAL_SIZE_BYTES})")
+        # Compressors the client does not name, or this cache does not serve, are not used.
+        zstd = to_enum(ZSTD) in request.acceptable_compressors
         response = re_pb2.BatchReadBlobsResponse()
         for requested in request.digests:
             item = response.responses.add(digest=requested)
             try:
-                item.data = self.cache.read_small(namespace, parse_digest(requested, "blob digest"))
+                data = self.cache.read_small(namespace, parse_digest(requested, "blob digest", function))
+                if zstd:
+                    item.data, item.compressor = compress(data), to_enum(ZSTD)
+                else:
+                    item.data = data
             except KuraError as exc:
                 item.status.CopyFrom(_status(exc))
             else:
@@ -133,7 +157,8 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         missing below the root are omitted, as REAPI allows.
         """
         namespace = namespace_for(request.instance_name)
-        root = parse_digest(request.root_digest, "root_digest")
+        root = parse_digest(request.root_digest, "root_digest",
+                            digest_function_for(request.digest_function))
         if request.page_size < 0:
             raise BadRequest("page_size must not be negative")
         page_size = min(request.page_size or DEFAULT_TREE_PAGE_SIZE, MAX_TREE_PAGE_SIZE)
@@ -172,11 +197,30 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             except DecodeError:
                 raise BadRequest(f"Blob {digest} is not a Directory message") from None
             for child in directory.directories:
-                child_digest = parse_digest(child.digest, "child directory digest")
+                child_digest = parse_digest(child.digest, "child directory digest", root.function)
                 if child_digest not in seen:
                     seen.add(child_digest)
                     queue.append(child_digest)
             yield data, directory
+
+
+def _decoded(entry: re_pb2.BatchUpdateBlobsRequest.Request, digest: BlobDigest) -> bytes:
+    """An entry's blob bytes, decompressed when it names a compressor (at most its digest's
+    size: more is a mismatch)."""
+    if compressor_from_enum(entry.compressor) == IDENTITY:
+        return entry.data
+    try:
+        return decompress_bounded(entry.data, digest.size)
+    except TooLarge:
+        raise DigestMismatch(f"Blob data does not match digest {digest}") from None
+
+
+def _matches(data: bytes, digest: BlobDigest) -> bool:
+    if len(data) != digest.size:
+        return False
+    hasher = new_hasher(digest.function)
+    hasher.update(data)
+    return hasher.hexdigest() == digest.hash
 
 
 def _parse_page_token(token: str) -> int:

@@ -11,6 +11,7 @@ import grpc
 
 from app.errors import (BadRequest, BudgetExhausted, Draining, Forbidden, KuraError, NotFound,
                         TooLarge, Unauthenticated, Unprocessable)
+from app.storage.partial_uploads import UploadBusy
 
 
 class OutOfRange(KuraError):
@@ -36,6 +37,7 @@ _CODES: tuple[tuple[type[KuraError], grpc.StatusCode], ...] = (
     (Draining, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
+    (UploadBusy, grpc.StatusCode.ABORTED),
 )
 
 _BY_HTTP_STATUS = {

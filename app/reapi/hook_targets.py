@@ -55,7 +55,8 @@ def _instance(request: Any) -> Target:
 
 
 def _action(request: Any) -> Target:
-    namespace, action = parse_action(request.instance_name, request.action_digest)
+    namespace, action = parse_action(request.instance_name, request.action_digest,
+                                     request.digest_function)
     return Target(namespace, action.ac_key, action.hash)
 
 

@@ -1,4 +1,5 @@
-"""Background maintenance of one node's store: capacity eviction and the multipart janitor.
+"""Background maintenance of one node's store: capacity eviction and the janitor of
+abandoned multipart uploads and partial ByteStream uploads.
 
 Owned and started by the replicator process (one per node), never by ``create_app``.
 """
@@ -10,6 +11,7 @@ import threading
 from app import metrics
 from app.storage.eviction import Evictor
 from app.storage.multipart import MultipartUploads
+from app.storage.partial_uploads import PartialUploads
 from app.storage.store import ArtifactStore
 
 log = logging.getLogger("kura.housekeeping")
@@ -21,6 +23,7 @@ class Housekeeper:
         self.store = store
         self.evictor = Evictor(store, store.settings.resolved_capacity_bytes())
         self.uploads = MultipartUploads(store)
+        self.partial_uploads = PartialUploads(store)
         self.interval_s = interval_s
         self.janitor_interval_s = janitor_interval_s
         self._stop = threading.Event()
@@ -34,6 +37,9 @@ class Housekeeper:
             if expired:
                 metrics.MULTIPART_EXPIRED.inc(expired)
                 log.info("event=multipart_expired uploads=%d", expired)
+            partials = self.partial_uploads.expire(cutoff)
+            if partials:
+                log.info("event=partial_uploads_expired uploads=%d", partials)
 
     def _loop(self) -> None:
         since_janitor = self.janitor_interval_s

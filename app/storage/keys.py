@@ -8,7 +8,6 @@ from app.errors import BadRequest
 
 PRODUCERS = ("xcode", "gradle", "module", "reapi", "nx", "metro", "turbo")
 MAX_KEY_BYTES = 1024
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # ASCII digits only: str.isdigit() also accepts "²" or "٣", which int() then refuses or reads.

@@ -28,6 +28,7 @@ DB_NAMES = (
     "ns_index",       # namespace key (16 B) + artifact id -> b""
     "ns_tombstones",  # namespace key -> JSON {"ns": namespace, "v": version_ms}
     "multipart",      # upload id -> JSON upload state
+    "partial_uploads",  # partial ByteStream upload file name -> JSON {"size", "ms"}
     "outbox",         # peer url + \0 + seq (8 B big-endian) -> JSON message
     "segments",       # segment id (8 B big-endian) -> JSON segment state
     "segment_index",  # segment id (8 B) + artifact id -> b""
@@ -43,12 +44,17 @@ class Databases:
     ns_index: object
     ns_tombstones: object
     multipart: object
+    partial_uploads: object
     outbox: object
     segments: object
     segment_index: object
     hot: object
     meta: object
 
+
+# Counters in ``meta``: bytes held in the tmp dir between requests.
+MULTIPART_BYTES = b"multipart_bytes"
+PARTIAL_UPLOAD_BYTES = b"partial_upload_bytes"
 
 MAX_READERS = 2048
 # The size LMDB gives lock.mdb for MAX_READERS on 64-bit Linux: its header (MDB_txninfo,

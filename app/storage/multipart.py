@@ -16,7 +16,7 @@ from typing import Any
 
 from app.errors import BadRequest, NotFound, Unprocessable
 from app.storage.backpressure import raise_if_disk_full
-from app.storage.lmdb_env import add_counter, write_txn
+from app.storage.lmdb_env import MULTIPART_BYTES, add_counter, write_txn
 from app.storage.staging import StagedBody
 from app.storage.store import ArtifactStore, WriteResult
 
@@ -99,7 +99,7 @@ class MultipartUploads:
                 txn.put(upload_id.encode(), _encode(
                     Upload(upload_id, current.producer, current.namespace_id, current.key,
                            current.created_ms, parts)), db=dbs.multipart)
-                add_counter(txn, dbs.meta, b"multipart_bytes",
+                add_counter(txn, dbs.meta, MULTIPART_BYTES,
                             staged.size - (previous[1] if previous else 0))
                 replaced = previous[0] if previous else None
         except BaseException:
@@ -136,7 +136,7 @@ class MultipartUploads:
                 return False
             upload = _decode(upload_id, raw)
             txn.delete(upload_id.encode(), db=dbs.multipart)
-            add_counter(txn, dbs.meta, b"multipart_bytes", -upload.total_bytes)
+            add_counter(txn, dbs.meta, MULTIPART_BYTES, -upload.total_bytes)
         for name, _ in upload.parts.values():
             _unlink_quietly(self._path(name))
         return True

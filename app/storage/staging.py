@@ -9,7 +9,6 @@ raises ``BudgetExhausted`` and the partial file is dropped.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import tempfile
 from typing import Callable
@@ -17,6 +16,7 @@ from typing import Callable
 from app.errors import BudgetExhausted, DigestMismatch, TooLarge, TruncatedBody
 from app.node_state import NodeState
 from app.storage.backpressure import raise_if_disk_full
+from app.storage.content_digests import SHA256, Hasher, new_hasher
 
 RESERVE_STEP = 1024 * 1024
 
@@ -43,17 +43,27 @@ class StagedBody:
 
     Bytes go straight to the file descriptor (no user-space buffer): a write the disk
     cannot take fails in :meth:`write`, never again later when the file is closed.
+
+    ``fd`` / ``size`` continue a file that already holds ``size`` bytes (a resumed
+    upload, ``app.storage.partial_uploads``): those bytes are accounted for by their
+    owner, so only what is written beyond them is reserved here.
     """
 
     def __init__(self, area: "StagingArea", limit: int | None, too_large_message: str,
-                 hashing: bool = True) -> None:
+                 hashing: bool = True, digest_function: str = SHA256, *,
+                 fd: int | None = None, size: int = 0) -> None:
         self._area = area
         self._limit = limit
         self._too_large = too_large_message
         self._reserved = 0
-        self.size = 0
+        self._base = size
+        self.size = size
+        self.digest_function = digest_function
         # Hashing costs a CPU pass over the body: only for keys that are digests.
-        self._hash = hashlib.sha256() if hashing else None
+        self._hash: Hasher | None = new_hasher(digest_function) if hashing else None
+        if fd is not None:
+            self.fd = fd
+            return
         try:
             try:
                 self.fd = _anonymous_file(area.directory)
@@ -70,8 +80,8 @@ class StagedBody:
         new_size = self.size + len(chunk)
         if self._limit is not None and new_size > self._limit:
             raise TooLarge(self._too_large)
-        if new_size > self._reserved:
-            self._reserve(max(RESERVE_STEP, new_size - self._reserved))
+        if new_size > self._base + self._reserved:
+            self._reserve(max(RESERVE_STEP, new_size - self._base - self._reserved))
         view = memoryview(chunk)
         written = 0
         try:
@@ -97,18 +107,40 @@ class StagedBody:
             self._area.reserve(amount - self._reserved, allow_alone=True)
             self._reserved = amount
 
-    def finish(self, *, expected_size: int | None = None, expected_sha256: str | None = None) -> None:
-        """Verify: a short body (client disconnect) or a wrong digest is rejected."""
+    def restart(self) -> None:
+        """Drop every byte staged so far (an upload started again from offset 0)."""
+        os.ftruncate(self.fd, 0)
+        self.size = 0
+        if self._hash is not None:
+            self._hash = new_hasher(self.digest_function)
+
+    def hash_existing(self, chunk_size: int = RESERVE_STEP) -> None:
+        """Feed the bytes the file already held (``size`` at construction) to the hash, so
+        that a resumed body is verified whole. Reads one chunk at a time."""
+        if self._hash is None:
+            raise RuntimeError("this body was staged without hashing")
+        position = 0
+        while position < self.size:
+            piece = os.pread(self.fd, min(chunk_size, self.size - position), position)
+            if not piece:
+                raise TruncatedBody("staged body shrank while it was being hashed")
+            self._hash.update(piece)
+            position += len(piece)
+
+    def finish(self, *, expected_size: int | None = None, expected_hash: str | None = None) -> None:
+        """Verify: a short body (client disconnect) or a wrong digest (``expected_hash``, hex,
+        of this body's digest function) is rejected."""
         if expected_size is not None and self.size != expected_size:
             if self.size < expected_size:
                 raise TruncatedBody(
                     f"Incomplete body: received {self.size} of {expected_size} bytes")
             raise DigestMismatch(f"Body size {self.size} does not match expected {expected_size}")
-        if expected_sha256 is not None and self.sha256 != expected_sha256:
-            raise DigestMismatch("Body does not match its sha256 digest")
+        if expected_hash is not None and self.hexdigest != expected_hash:
+            raise DigestMismatch(f"Body does not match its {self.digest_function} digest")
 
     @property
-    def sha256(self) -> str:
+    def hexdigest(self) -> str:
+        """The hex digest of the staged bytes under ``digest_function``."""
         if self._hash is None:
             raise RuntimeError("this body was staged without hashing")
         return self._hash.hexdigest()
@@ -159,8 +191,8 @@ class StagingArea:
         self._state.add_tmp_bytes(-amount)
 
     def stage(self, limit: int | None = None, too_large_message: str = "Payload too large",
-              hashing: bool = True) -> StagedBody:
-        return StagedBody(self, limit, too_large_message, hashing)
+              hashing: bool = True, digest_function: str = SHA256) -> StagedBody:
+        return StagedBody(self, limit, too_large_message, hashing, digest_function)
 
     def probe_writable(self) -> None:
         """Raise BudgetExhausted early when the budget is already full."""

@@ -25,8 +25,9 @@ from app.settings import Settings
 from app.storage.keys import artifact_id as compute_artifact_id
 from app.members import MemberList
 from app.storage.catalog import Catalog
-from app.storage.lmdb_env import (Databases, namespace_key, open_environment, read_counter, u64,
-                                   write_txn)
+from app.storage.content_digests import SHA256
+from app.storage.lmdb_env import (MULTIPART_BYTES, PARTIAL_UPLOAD_BYTES, Databases, namespace_key,
+                                   open_environment, read_counter, u64, write_txn)
 from app.storage.manifest import Manifest, version_order
 from app.storage.outbox import Outbox
 from app.storage.backpressure import DISK_FULL_MESSAGE, raise_if_disk_full
@@ -118,9 +119,12 @@ class ArtifactStore:
         self.catalog = Catalog(self.env, self.dbs)
         self.staging = StagingArea(os.path.join(settings.resolved_tmp_dir, "staging"),
                                    settings.tmp_dir_max_bytes, self.node_state,
-                                   self._multipart_bytes)
+                                   self._held_bytes)
         self.multipart_dir = os.path.join(settings.resolved_tmp_dir, "multipart")
         os.makedirs(self.multipart_dir, exist_ok=True)
+        # Kept partial ByteStream uploads (app.storage.partial_uploads); not wiped at start.
+        self.partial_uploads_dir = os.path.join(settings.resolved_tmp_dir, "uploads")
+        os.makedirs(self.partial_uploads_dir, exist_ok=True)
         self.node_url = settings.resolved_node_url
         self._members = MemberList(settings.resolved_run_dir, self.node_url)
         self._hot_watermark = 0
@@ -274,8 +278,8 @@ class ArtifactStore:
             raise
 
     def stage(self, limit: int | None = None, too_large_message: str = "Payload too large",
-              hashing: bool = True) -> StagedBody:
-        return self.staging.stage(limit, too_large_message, hashing)
+              hashing: bool = True, digest_function: str = SHA256) -> StagedBody:
+        return self.staging.stage(limit, too_large_message, hashing, digest_function)
 
     def put_staged(self, producer: str, namespace_id: str, key: str, staged: StagedBody,
                    content_type: str = "application/octet-stream", *,
@@ -529,10 +533,13 @@ class ArtifactStore:
         if manifest.segment_id:
             txn.delete(u64(manifest.segment_id) + aid, db=dbs.segment_index)
 
-    # -- multipart accounting ---------------------------------------------------
-    def _multipart_bytes(self) -> int:
+    # -- accounting of bytes held between requests -----------------------------------
+    def _held_bytes(self) -> int:
+        """Bytes of open multipart uploads and kept partial ByteStream uploads: they count
+        against the tmp staging budget like bodies being received."""
         with self.env.begin() as txn:
-            return read_counter(txn, self.dbs.meta, b"multipart_bytes")
+            return (read_counter(txn, self.dbs.meta, MULTIPART_BYTES)
+                    + read_counter(txn, self.dbs.meta, PARTIAL_UPLOAD_BYTES))
 
     # -- introspection --------------------------------------------------------------
     def stats(self) -> dict[str, int]:

@@ -115,8 +115,9 @@ def test_bad_writes_are_rejected_and_invisible(reapi: RunningReapi) -> None:
                 bs_pb2.QueryWriteStatusRequest(resource_name="nonsense"), timeout=10)
 
 
-def test_query_write_status_of_an_unknown_upload_is_not_found(reapi: RunningReapi) -> None:
-    """As Kura: only a stored blob has a status; an unfinished upload is not kept (restart at 0)."""
+def test_query_write_status_reports_kept_bytes_and_a_resumed_write_completes(reapi: RunningReapi) -> None:
+    """Beyond Kura: an unfinished upload keeps its bytes; QueryWriteStatus reports them and
+    a Write from that offset completes the blob. Unknown uploads stay NOT_FOUND."""
     bs = reapi.client.bytestream
     data = os.urandom(100_000)
     d = digest_of(data)
@@ -124,13 +125,21 @@ def test_query_write_status_of_an_unknown_upload_is_not_found(reapi: RunningReap
     expect_code(grpc.StatusCode.NOT_FOUND, bs.QueryWriteStatus,
                 bs_pb2.QueryWriteStatusRequest(resource_name=never_sent), timeout=10)
     broken_off = upload_resource(d)
-    expect_code(grpc.StatusCode.INVALID_ARGUMENT, bs.Write,
-                write_requests(data, broken_off, chunk=10_000, finish=False), timeout=30)
-    expect_code(grpc.StatusCode.NOT_FOUND, bs.QueryWriteStatus,
-                bs_pb2.QueryWriteStatusRequest(resource_name=broken_off), timeout=10)
-    reapi.client.upload(data)
+    first_part = list(write_requests(data, broken_off, chunk=10_000, finish=False))[:4]
+    expect_code(grpc.StatusCode.INVALID_ARGUMENT, bs.Write, iter(first_part), timeout=30)
+    status = bs.QueryWriteStatus(bs_pb2.QueryWriteStatusRequest(resource_name=broken_off), timeout=10)
+    assert (status.committed_size, status.complete) == (40_000, False)
+    assert reapi.client.missing([d]) == [d]
+    # Resuming anywhere but at the committed size is refused, and keeps the bytes.
+    wrong = bs_pb2.WriteRequest(resource_name=broken_off, write_offset=30_000, data=data[30_000:])
+    expect_code(grpc.StatusCode.INVALID_ARGUMENT, bs.Write, iter([wrong]), timeout=30)
+    rest = [bs_pb2.WriteRequest(resource_name=broken_off, write_offset=40_000, data=data[40_000:70_000]),
+            bs_pb2.WriteRequest(write_offset=70_000, data=data[70_000:], finish_write=True)]
+    assert bs.Write(iter(rest), timeout=30).committed_size == len(data)
+    assert reapi.client.download(d) == data
     status = bs.QueryWriteStatus(bs_pb2.QueryWriteStatusRequest(resource_name=broken_off), timeout=10)
     assert (status.committed_size, status.complete) == (len(data), True)
+    assert reapi.store.stats()["artifacts"] == 1
 
 
 def test_existing_blob_finishes_early(reapi: RunningReapi) -> None:

@@ -13,7 +13,9 @@ from tests.reapi.conftest import RunningReapi
 def test_capabilities(reapi: RunningReapi) -> None:
     caps = reapi.client.capabilities.GetCapabilities(re_pb2.GetCapabilitiesRequest(instance_name="x"))
     cache = caps.cache_capabilities
-    assert list(cache.digest_function) == [re_pb2.DigestFunction.SHA256]
+    assert list(cache.digest_functions) == [re_pb2.DigestFunction.SHA256, re_pb2.DigestFunction.BLAKE3]
+    assert list(cache.supported_compressors) == [re_pb2.Compressor.ZSTD]
+    assert list(cache.supported_batch_update_compressors) == [re_pb2.Compressor.ZSTD]
     assert cache.action_cache_update_capabilities.update_enabled
     assert 0 < cache.max_batch_total_size_bytes == MAX_BATCH_TOTAL_SIZE_BYTES < MAX_SEND_MESSAGE_BYTES
     assert cache.symlink_absolute_path_strategy == re_pb2.SymlinkAbsolutePathStrategy.DISALLOWED

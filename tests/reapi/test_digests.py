@@ -17,6 +17,22 @@ def test_read_resource_with_and_without_instance() -> None:
     assert parse_read_resource(f"x/compressed-blobs/identity/{H}/3").digest.size == 3
 
 
+def test_resource_digest_function_and_compressor_segments() -> None:
+    """REAPI: ``blobs/{digest_function/}{hash}/{size}`` and ``compressed-blobs/{compressor}/...``;
+    a BLAKE3 blob is keyed apart from the SHA256 blob with the same hex."""
+    b3 = parse_read_resource(f"ci/blobs/blake3/{H}/5")
+    assert (b3.namespace, b3.digest.function, b3.compressor) == ("ci", "blake3", "identity")
+    assert b3.digest.cas_key == f"blob/blake3/{H}/5" and b3.digest.ac_key == f"action_cache/blake3/{H}/5"
+    sha = parse_read_resource(f"ci/blobs/{H}/5")
+    assert sha.digest.function == "sha256" and sha.digest.cas_key == f"blob/{H}/5"
+    assert parse_read_resource(f"ci/blobs/sha256/{H}/5").digest == sha.digest
+    zstd = parse_write_resource(f"ci/uploads/u1/compressed-blobs/zstd/blake3/{H}/5/meta")
+    assert (zstd.compressor, zstd.digest) == ("zstd", b3.digest)
+    # Kept bytes are uncompressed: the identity and zstd uploads of one id share them.
+    assert zstd.upload_name == parse_write_resource(f"ci/uploads/u1/blobs/blake3/{H}/5").upload_name
+    assert zstd.upload_name != parse_write_resource(f"ci/uploads/u1/blobs/{H}/5").upload_name
+
+
 def test_write_resource_allows_trailing_metadata() -> None:
     res = parse_write_resource(f"inst/uploads/0f9c-11/blobs/{H}/7/some/metadata")
     assert (res.namespace, res.upload_id, res.digest.size) == ("inst", "0f9c-11", 7)
@@ -25,7 +41,9 @@ def test_write_resource_allows_trailing_metadata() -> None:
 @pytest.mark.parametrize("resource", [
     "", "blobs", f"blobs/{H}", f"blobs/{H}/-1", f"blobs/{H}/1x", f"blobs/{'g' * 64}/1",
     f"blobs/{H}/1/extra", f"../blobs/{H}/1", f"a//b/blobs/{H}/1", f"blobs/{H}/01",
-    f"in\x00st/blobs/{H}/1", f"compressed-blobs/zstd/{H}/1", f"blobs/{H}/0",
+    f"in\x00st/blobs/{H}/1", f"compressed-blobs/brotli/{H}/1", f"blobs/{H}/0",
+    f"blobs/md5/{H}/1", f"blobs/sha1/{H}/1", f"blobs/blake3/{H}", f"compressed-blobs/zstd/blake3/{H}",
+    f"blobs/blake3/{H}/0",
     # Sizes are ASCII decimals: "\u0665" (ARABIC-INDIC FIVE) is a digit to str.isdigit and int().
     f"blobs/{H}/\u0665", f"blobs/{H}/\u00b2", f"blobs/{H}/{'9' * 5000}", f"blobs/{H}/9223372036854775808",
 ])

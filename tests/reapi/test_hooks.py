@@ -229,7 +229,7 @@ GOOD = digest_of(b"x")
 BAD_INSTANCE = "a/../b"
 BAD_REQUESTS: dict[str, Callable[[Reapi], Any]] = {
     "read: unknown compressor": lambda c: list(c.bytestream.Read(bs_pb2.ReadRequest(
-        resource_name=f"beta/compressed-blobs/zstd/{GOOD.hash}/1"), timeout=10)),
+        resource_name=f"beta/compressed-blobs/brotli/{GOOD.hash}/1"), timeout=10)),
     "read: digest cut short": lambda c: list(c.bytestream.Read(bs_pb2.ReadRequest(
         resource_name=f"beta/compressed-blobs/identity/{GOOD.hash}"), timeout=10)),
     "read: no blobs segment": lambda c: list(c.bytestream.Read(bs_pb2.ReadRequest(

@@ -86,7 +86,7 @@ def test_staged_body_verification(store: ArtifactStore) -> None:
     with store.stage() as staged:
         staged.write(b"abc")
         with pytest.raises(DigestMismatch):
-            staged.finish(expected_size=3, expected_sha256="0" * 64)
+            staged.finish(expected_size=3, expected_hash="0" * 64)
     with store.stage(limit=2) as staged:
         with pytest.raises(TooLarge):
             staged.write(b"abc")

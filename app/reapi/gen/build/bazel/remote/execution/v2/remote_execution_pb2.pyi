@@ -36,7 +36,15 @@ class Action(_message.Message):
     def __init__(self, command_digest: _Optional[_Union[Digest, _Mapping]] = ..., input_root_digest: _Optional[_Union[Digest, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., do_not_cache: _Optional[bool] = ..., salt: _Optional[bytes] = ..., platform: _Optional[_Union[Platform, _Mapping]] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("arguments", "environment_variables", "output_files", "output_directories", "output_paths", "platform", "working_directory", "output_node_properties")
+    __slots__ = ("arguments", "environment_variables", "output_files", "output_directories", "output_paths", "platform", "working_directory", "output_node_properties", "output_directory_format")
+    class OutputDirectoryFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        TREE_ONLY: _ClassVar[Command.OutputDirectoryFormat]
+        DIRECTORY_ONLY: _ClassVar[Command.OutputDirectoryFormat]
+        TREE_AND_DIRECTORY: _ClassVar[Command.OutputDirectoryFormat]
+    TREE_ONLY: Command.OutputDirectoryFormat
+    DIRECTORY_ONLY: Command.OutputDirectoryFormat
+    TREE_AND_DIRECTORY: Command.OutputDirectoryFormat
     class EnvironmentVariable(_message.Message):
         __slots__ = ("name", "value")
         NAME_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +60,7 @@ class Command(_message.Message):
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     WORKING_DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NODE_PROPERTIES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DIRECTORY_FORMAT_FIELD_NUMBER: _ClassVar[int]
     arguments: _containers.RepeatedScalarFieldContainer[str]
     environment_variables: _containers.RepeatedCompositeFieldContainer[Command.EnvironmentVariable]
     output_files: _containers.RepeatedScalarFieldContainer[str]
@@ -60,7 +69,8 @@ class Command(_message.Message):
     platform: Platform
     working_directory: str
     output_node_properties: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, arguments: _Optional[_Iterable[str]] = ..., environment_variables: _Optional[_Iterable[_Union[Command.EnvironmentVariable, _Mapping]]] = ..., output_files: _Optional[_Iterable[str]] = ..., output_directories: _Optional[_Iterable[str]] = ..., output_paths: _Optional[_Iterable[str]] = ..., platform: _Optional[_Union[Platform, _Mapping]] = ..., working_directory: _Optional[str] = ..., output_node_properties: _Optional[_Iterable[str]] = ...) -> None: ...
+    output_directory_format: Command.OutputDirectoryFormat
+    def __init__(self, arguments: _Optional[_Iterable[str]] = ..., environment_variables: _Optional[_Iterable[_Union[Command.EnvironmentVariable, _Mapping]]] = ..., output_files: _Optional[_Iterable[str]] = ..., output_directories: _Optional[_Iterable[str]] = ..., output_paths: _Optional[_Iterable[str]] = ..., platform: _Optional[_Union[Platform, _Mapping]] = ..., working_directory: _Optional[str] = ..., output_node_properties: _Optional[_Iterable[str]] = ..., output_directory_format: _Optional[_Union[Command.OutputDirectoryFormat, str]] = ...) -> None: ...
 
 class Platform(_message.Message):
     __slots__ = ("properties",)
@@ -144,7 +154,7 @@ class Digest(_message.Message):
     def __init__(self, hash: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class ExecutedActionMetadata(_message.Message):
-    __slots__ = ("worker", "queued_timestamp", "worker_start_timestamp", "worker_completed_timestamp", "input_fetch_start_timestamp", "input_fetch_completed_timestamp", "execution_start_timestamp", "execution_completed_timestamp", "output_upload_start_timestamp", "output_upload_completed_timestamp", "auxiliary_metadata")
+    __slots__ = ("worker", "queued_timestamp", "worker_start_timestamp", "worker_completed_timestamp", "input_fetch_start_timestamp", "input_fetch_completed_timestamp", "execution_start_timestamp", "execution_completed_timestamp", "virtual_execution_duration", "output_upload_start_timestamp", "output_upload_completed_timestamp", "auxiliary_metadata")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     WORKER_START_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +163,7 @@ class ExecutedActionMetadata(_message.Message):
     INPUT_FETCH_COMPLETED_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_START_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_COMPLETED_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    VIRTUAL_EXECUTION_DURATION_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_UPLOAD_START_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_UPLOAD_COMPLETED_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     AUXILIARY_METADATA_FIELD_NUMBER: _ClassVar[int]
@@ -164,10 +175,11 @@ class ExecutedActionMetadata(_message.Message):
     input_fetch_completed_timestamp: _timestamp_pb2.Timestamp
     execution_start_timestamp: _timestamp_pb2.Timestamp
     execution_completed_timestamp: _timestamp_pb2.Timestamp
+    virtual_execution_duration: _duration_pb2.Duration
     output_upload_start_timestamp: _timestamp_pb2.Timestamp
     output_upload_completed_timestamp: _timestamp_pb2.Timestamp
     auxiliary_metadata: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
-    def __init__(self, worker: _Optional[str] = ..., queued_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., input_fetch_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., input_fetch_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_upload_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_upload_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., auxiliary_metadata: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
+    def __init__(self, worker: _Optional[str] = ..., queued_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., input_fetch_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., input_fetch_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., virtual_execution_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., output_upload_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_upload_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., auxiliary_metadata: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
 
 class ActionResult(_message.Message):
     __slots__ = ("output_files", "output_file_symlinks", "output_symlinks", "output_directories", "output_directory_symlinks", "exit_code", "stdout_raw", "stdout_digest", "stderr_raw", "stderr_digest", "execution_metadata")
@@ -218,12 +230,16 @@ class Tree(_message.Message):
     def __init__(self, root: _Optional[_Union[Directory, _Mapping]] = ..., children: _Optional[_Iterable[_Union[Directory, _Mapping]]] = ...) -> None: ...
 
 class OutputDirectory(_message.Message):
-    __slots__ = ("path", "tree_digest")
+    __slots__ = ("path", "tree_digest", "is_topologically_sorted", "root_directory_digest")
     PATH_FIELD_NUMBER: _ClassVar[int]
     TREE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    IS_TOPOLOGICALLY_SORTED_FIELD_NUMBER: _ClassVar[int]
+    ROOT_DIRECTORY_DIGEST_FIELD_NUMBER: _ClassVar[int]
     path: str
     tree_digest: Digest
-    def __init__(self, path: _Optional[str] = ..., tree_digest: _Optional[_Union[Digest, _Mapping]] = ...) -> None: ...
+    is_topologically_sorted: bool
+    root_directory_digest: Digest
+    def __init__(self, path: _Optional[str] = ..., tree_digest: _Optional[_Union[Digest, _Mapping]] = ..., is_topologically_sorted: _Optional[bool] = ..., root_directory_digest: _Optional[_Union[Digest, _Mapping]] = ...) -> None: ...
 
 class OutputSymlink(_message.Message):
     __slots__ = ("path", "target", "node_properties")
@@ -248,18 +264,26 @@ class ResultsCachePolicy(_message.Message):
     def __init__(self, priority: _Optional[int] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("instance_name", "skip_cache_lookup", "action_digest", "execution_policy", "results_cache_policy")
+    __slots__ = ("instance_name", "skip_cache_lookup", "action_digest", "execution_policy", "results_cache_policy", "digest_function", "inline_stdout", "inline_stderr", "inline_output_files")
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
     SKIP_CACHE_LOOKUP_FIELD_NUMBER: _ClassVar[int]
     ACTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_POLICY_FIELD_NUMBER: _ClassVar[int]
     RESULTS_CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    INLINE_STDOUT_FIELD_NUMBER: _ClassVar[int]
+    INLINE_STDERR_FIELD_NUMBER: _ClassVar[int]
+    INLINE_OUTPUT_FILES_FIELD_NUMBER: _ClassVar[int]
     instance_name: str
     skip_cache_lookup: bool
     action_digest: Digest
     execution_policy: ExecutionPolicy
     results_cache_policy: ResultsCachePolicy
-    def __init__(self, instance_name: _Optional[str] = ..., skip_cache_lookup: _Optional[bool] = ..., action_digest: _Optional[_Union[Digest, _Mapping]] = ..., execution_policy: _Optional[_Union[ExecutionPolicy, _Mapping]] = ..., results_cache_policy: _Optional[_Union[ResultsCachePolicy, _Mapping]] = ...) -> None: ...
+    digest_function: DigestFunction.Value
+    inline_stdout: bool
+    inline_stderr: bool
+    inline_output_files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instance_name: _Optional[str] = ..., skip_cache_lookup: _Optional[bool] = ..., action_digest: _Optional[_Union[Digest, _Mapping]] = ..., execution_policy: _Optional[_Union[ExecutionPolicy, _Mapping]] = ..., results_cache_policy: _Optional[_Union[ResultsCachePolicy, _Mapping]] = ..., digest_function: _Optional[_Union[DigestFunction.Value, str]] = ..., inline_stdout: _Optional[bool] = ..., inline_stderr: _Optional[bool] = ..., inline_output_files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LogFile(_message.Message):
     __slots__ = ("digest", "human_readable")
@@ -307,16 +331,20 @@ class ExecutionStage(_message.Message):
     def __init__(self) -> None: ...
 
 class ExecuteOperationMetadata(_message.Message):
-    __slots__ = ("stage", "action_digest", "stdout_stream_name", "stderr_stream_name")
+    __slots__ = ("stage", "action_digest", "stdout_stream_name", "stderr_stream_name", "partial_execution_metadata", "digest_function")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ACTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     STDOUT_STREAM_NAME_FIELD_NUMBER: _ClassVar[int]
     STDERR_STREAM_NAME_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_EXECUTION_METADATA_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     stage: ExecutionStage.Value
     action_digest: Digest
     stdout_stream_name: str
     stderr_stream_name: str
-    def __init__(self, stage: _Optional[_Union[ExecutionStage.Value, str]] = ..., action_digest: _Optional[_Union[Digest, _Mapping]] = ..., stdout_stream_name: _Optional[str] = ..., stderr_stream_name: _Optional[str] = ...) -> None: ...
+    partial_execution_metadata: ExecutedActionMetadata
+    digest_function: DigestFunction.Value
+    def __init__(self, stage: _Optional[_Union[ExecutionStage.Value, str]] = ..., action_digest: _Optional[_Union[Digest, _Mapping]] = ..., stdout_stream_name: _Optional[str] = ..., stderr_stream_name: _Optional[str] = ..., partial_execution_metadata: _Optional[_Union[ExecutedActionMetadata, _Mapping]] = ..., digest_function: _Optional[_Union[DigestFunction.Value, str]] = ...) -> None: ...
 
 class WaitExecutionRequest(_message.Message):
     __slots__ = ("name",)
@@ -325,38 +353,44 @@ class WaitExecutionRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class GetActionResultRequest(_message.Message):
-    __slots__ = ("instance_name", "action_digest", "inline_stdout", "inline_stderr", "inline_output_files")
+    __slots__ = ("instance_name", "action_digest", "inline_stdout", "inline_stderr", "inline_output_files", "digest_function")
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
     ACTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     INLINE_STDOUT_FIELD_NUMBER: _ClassVar[int]
     INLINE_STDERR_FIELD_NUMBER: _ClassVar[int]
     INLINE_OUTPUT_FILES_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     instance_name: str
     action_digest: Digest
     inline_stdout: bool
     inline_stderr: bool
     inline_output_files: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, instance_name: _Optional[str] = ..., action_digest: _Optional[_Union[Digest, _Mapping]] = ..., inline_stdout: _Optional[bool] = ..., inline_stderr: _Optional[bool] = ..., inline_output_files: _Optional[_Iterable[str]] = ...) -> None: ...
+    digest_function: DigestFunction.Value
+    def __init__(self, instance_name: _Optional[str] = ..., action_digest: _Optional[_Union[Digest, _Mapping]] = ..., inline_stdout: _Optional[bool] = ..., inline_stderr: _Optional[bool] = ..., inline_output_files: _Optional[_Iterable[str]] = ..., digest_function: _Optional[_Union[DigestFunction.Value, str]] = ...) -> None: ...
 
 class UpdateActionResultRequest(_message.Message):
-    __slots__ = ("instance_name", "action_digest", "action_result", "results_cache_policy")
+    __slots__ = ("instance_name", "action_digest", "action_result", "results_cache_policy", "digest_function")
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
     ACTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ACTION_RESULT_FIELD_NUMBER: _ClassVar[int]
     RESULTS_CACHE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     instance_name: str
     action_digest: Digest
     action_result: ActionResult
     results_cache_policy: ResultsCachePolicy
-    def __init__(self, instance_name: _Optional[str] = ..., action_digest: _Optional[_Union[Digest, _Mapping]] = ..., action_result: _Optional[_Union[ActionResult, _Mapping]] = ..., results_cache_policy: _Optional[_Union[ResultsCachePolicy, _Mapping]] = ...) -> None: ...
+    digest_function: DigestFunction.Value
+    def __init__(self, instance_name: _Optional[str] = ..., action_digest: _Optional[_Union[Digest, _Mapping]] = ..., action_result: _Optional[_Union[ActionResult, _Mapping]] = ..., results_cache_policy: _Optional[_Union[ResultsCachePolicy, _Mapping]] = ..., digest_function: _Optional[_Union[DigestFunction.Value, str]] = ...) -> None: ...
 
 class FindMissingBlobsRequest(_message.Message):
-    __slots__ = ("instance_name", "blob_digests")
+    __slots__ = ("instance_name", "blob_digests", "digest_function")
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
     BLOB_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     instance_name: str
     blob_digests: _containers.RepeatedCompositeFieldContainer[Digest]
-    def __init__(self, instance_name: _Optional[str] = ..., blob_digests: _Optional[_Iterable[_Union[Digest, _Mapping]]] = ...) -> None: ...
+    digest_function: DigestFunction.Value
+    def __init__(self, instance_name: _Optional[str] = ..., blob_digests: _Optional[_Iterable[_Union[Digest, _Mapping]]] = ..., digest_function: _Optional[_Union[DigestFunction.Value, str]] = ...) -> None: ...
 
 class FindMissingBlobsResponse(_message.Message):
     __slots__ = ("missing_blob_digests",)
@@ -365,19 +399,23 @@ class FindMissingBlobsResponse(_message.Message):
     def __init__(self, missing_blob_digests: _Optional[_Iterable[_Union[Digest, _Mapping]]] = ...) -> None: ...
 
 class BatchUpdateBlobsRequest(_message.Message):
-    __slots__ = ("instance_name", "requests")
+    __slots__ = ("instance_name", "requests", "digest_function")
     class Request(_message.Message):
-        __slots__ = ("digest", "data")
+        __slots__ = ("digest", "data", "compressor")
         DIGEST_FIELD_NUMBER: _ClassVar[int]
         DATA_FIELD_NUMBER: _ClassVar[int]
+        COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
         digest: Digest
         data: bytes
-        def __init__(self, digest: _Optional[_Union[Digest, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+        compressor: Compressor.Value
+        def __init__(self, digest: _Optional[_Union[Digest, _Mapping]] = ..., data: _Optional[bytes] = ..., compressor: _Optional[_Union[Compressor.Value, str]] = ...) -> None: ...
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     instance_name: str
     requests: _containers.RepeatedCompositeFieldContainer[BatchUpdateBlobsRequest.Request]
-    def __init__(self, instance_name: _Optional[str] = ..., requests: _Optional[_Iterable[_Union[BatchUpdateBlobsRequest.Request, _Mapping]]] = ...) -> None: ...
+    digest_function: DigestFunction.Value
+    def __init__(self, instance_name: _Optional[str] = ..., requests: _Optional[_Iterable[_Union[BatchUpdateBlobsRequest.Request, _Mapping]]] = ..., digest_function: _Optional[_Union[DigestFunction.Value, str]] = ...) -> None: ...
 
 class BatchUpdateBlobsResponse(_message.Message):
     __slots__ = ("responses",)
@@ -393,39 +431,47 @@ class BatchUpdateBlobsResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[BatchUpdateBlobsResponse.Response, _Mapping]]] = ...) -> None: ...
 
 class BatchReadBlobsRequest(_message.Message):
-    __slots__ = ("instance_name", "digests")
+    __slots__ = ("instance_name", "digests", "acceptable_compressors", "digest_function")
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTABLE_COMPRESSORS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     instance_name: str
     digests: _containers.RepeatedCompositeFieldContainer[Digest]
-    def __init__(self, instance_name: _Optional[str] = ..., digests: _Optional[_Iterable[_Union[Digest, _Mapping]]] = ...) -> None: ...
+    acceptable_compressors: _containers.RepeatedScalarFieldContainer[Compressor.Value]
+    digest_function: DigestFunction.Value
+    def __init__(self, instance_name: _Optional[str] = ..., digests: _Optional[_Iterable[_Union[Digest, _Mapping]]] = ..., acceptable_compressors: _Optional[_Iterable[_Union[Compressor.Value, str]]] = ..., digest_function: _Optional[_Union[DigestFunction.Value, str]] = ...) -> None: ...
 
 class BatchReadBlobsResponse(_message.Message):
     __slots__ = ("responses",)
     class Response(_message.Message):
-        __slots__ = ("digest", "data", "status")
+        __slots__ = ("digest", "data", "compressor", "status")
         DIGEST_FIELD_NUMBER: _ClassVar[int]
         DATA_FIELD_NUMBER: _ClassVar[int]
+        COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
         STATUS_FIELD_NUMBER: _ClassVar[int]
         digest: Digest
         data: bytes
+        compressor: Compressor.Value
         status: _status_pb2.Status
-        def __init__(self, digest: _Optional[_Union[Digest, _Mapping]] = ..., data: _Optional[bytes] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+        def __init__(self, digest: _Optional[_Union[Digest, _Mapping]] = ..., data: _Optional[bytes] = ..., compressor: _Optional[_Union[Compressor.Value, str]] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
     responses: _containers.RepeatedCompositeFieldContainer[BatchReadBlobsResponse.Response]
     def __init__(self, responses: _Optional[_Iterable[_Union[BatchReadBlobsResponse.Response, _Mapping]]] = ...) -> None: ...
 
 class GetTreeRequest(_message.Message):
-    __slots__ = ("instance_name", "root_digest", "page_size", "page_token")
+    __slots__ = ("instance_name", "root_digest", "page_size", "page_token", "digest_function")
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
     ROOT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     instance_name: str
     root_digest: Digest
     page_size: int
     page_token: str
-    def __init__(self, instance_name: _Optional[str] = ..., root_digest: _Optional[_Union[Digest, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    digest_function: DigestFunction.Value
+    def __init__(self, instance_name: _Optional[str] = ..., root_digest: _Optional[_Union[Digest, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., digest_function: _Optional[_Union[DigestFunction.Value, str]] = ...) -> None: ...
 
 class GetTreeResponse(_message.Message):
     __slots__ = ("directories", "next_page_token")
@@ -467,6 +513,8 @@ class DigestFunction(_message.Message):
         SHA384: _ClassVar[DigestFunction.Value]
         SHA512: _ClassVar[DigestFunction.Value]
         MURMUR3: _ClassVar[DigestFunction.Value]
+        SHA256TREE: _ClassVar[DigestFunction.Value]
+        BLAKE3: _ClassVar[DigestFunction.Value]
     UNKNOWN: DigestFunction.Value
     SHA256: DigestFunction.Value
     SHA1: DigestFunction.Value
@@ -475,6 +523,8 @@ class DigestFunction(_message.Message):
     SHA384: DigestFunction.Value
     SHA512: DigestFunction.Value
     MURMUR3: DigestFunction.Value
+    SHA256TREE: DigestFunction.Value
+    BLAKE3: DigestFunction.Value
     def __init__(self) -> None: ...
 
 class ActionCacheUpdateCapabilities(_message.Message):
@@ -508,31 +558,51 @@ class SymlinkAbsolutePathStrategy(_message.Message):
     ALLOWED: SymlinkAbsolutePathStrategy.Value
     def __init__(self) -> None: ...
 
+class Compressor(_message.Message):
+    __slots__ = ()
+    class Value(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        IDENTITY: _ClassVar[Compressor.Value]
+        ZSTD: _ClassVar[Compressor.Value]
+        DEFLATE: _ClassVar[Compressor.Value]
+        BROTLI: _ClassVar[Compressor.Value]
+    IDENTITY: Compressor.Value
+    ZSTD: Compressor.Value
+    DEFLATE: Compressor.Value
+    BROTLI: Compressor.Value
+    def __init__(self) -> None: ...
+
 class CacheCapabilities(_message.Message):
-    __slots__ = ("digest_function", "action_cache_update_capabilities", "cache_priority_capabilities", "max_batch_total_size_bytes", "symlink_absolute_path_strategy")
-    DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("digest_functions", "action_cache_update_capabilities", "cache_priority_capabilities", "max_batch_total_size_bytes", "symlink_absolute_path_strategy", "supported_compressors", "supported_batch_update_compressors")
+    DIGEST_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
     ACTION_CACHE_UPDATE_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     CACHE_PRIORITY_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOTAL_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SYMLINK_ABSOLUTE_PATH_STRATEGY_FIELD_NUMBER: _ClassVar[int]
-    digest_function: _containers.RepeatedScalarFieldContainer[DigestFunction.Value]
+    SUPPORTED_COMPRESSORS_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTED_BATCH_UPDATE_COMPRESSORS_FIELD_NUMBER: _ClassVar[int]
+    digest_functions: _containers.RepeatedScalarFieldContainer[DigestFunction.Value]
     action_cache_update_capabilities: ActionCacheUpdateCapabilities
     cache_priority_capabilities: PriorityCapabilities
     max_batch_total_size_bytes: int
     symlink_absolute_path_strategy: SymlinkAbsolutePathStrategy.Value
-    def __init__(self, digest_function: _Optional[_Iterable[_Union[DigestFunction.Value, str]]] = ..., action_cache_update_capabilities: _Optional[_Union[ActionCacheUpdateCapabilities, _Mapping]] = ..., cache_priority_capabilities: _Optional[_Union[PriorityCapabilities, _Mapping]] = ..., max_batch_total_size_bytes: _Optional[int] = ..., symlink_absolute_path_strategy: _Optional[_Union[SymlinkAbsolutePathStrategy.Value, str]] = ...) -> None: ...
+    supported_compressors: _containers.RepeatedScalarFieldContainer[Compressor.Value]
+    supported_batch_update_compressors: _containers.RepeatedScalarFieldContainer[Compressor.Value]
+    def __init__(self, digest_functions: _Optional[_Iterable[_Union[DigestFunction.Value, str]]] = ..., action_cache_update_capabilities: _Optional[_Union[ActionCacheUpdateCapabilities, _Mapping]] = ..., cache_priority_capabilities: _Optional[_Union[PriorityCapabilities, _Mapping]] = ..., max_batch_total_size_bytes: _Optional[int] = ..., symlink_absolute_path_strategy: _Optional[_Union[SymlinkAbsolutePathStrategy.Value, str]] = ..., supported_compressors: _Optional[_Iterable[_Union[Compressor.Value, str]]] = ..., supported_batch_update_compressors: _Optional[_Iterable[_Union[Compressor.Value, str]]] = ...) -> None: ...
 
 class ExecutionCapabilities(_message.Message):
-    __slots__ = ("digest_function", "exec_enabled", "execution_priority_capabilities", "supported_node_properties")
+    __slots__ = ("digest_function", "exec_enabled", "execution_priority_capabilities", "supported_node_properties", "digest_functions")
     DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     EXEC_ENABLED_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PRIORITY_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     SUPPORTED_NODE_PROPERTIES_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
     digest_function: DigestFunction.Value
     exec_enabled: bool
     execution_priority_capabilities: PriorityCapabilities
     supported_node_properties: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, digest_function: _Optional[_Union[DigestFunction.Value, str]] = ..., exec_enabled: _Optional[bool] = ..., execution_priority_capabilities: _Optional[_Union[PriorityCapabilities, _Mapping]] = ..., supported_node_properties: _Optional[_Iterable[str]] = ...) -> None: ...
+    digest_functions: _containers.RepeatedScalarFieldContainer[DigestFunction.Value]
+    def __init__(self, digest_function: _Optional[_Union[DigestFunction.Value, str]] = ..., exec_enabled: _Optional[bool] = ..., execution_priority_capabilities: _Optional[_Union[PriorityCapabilities, _Mapping]] = ..., supported_node_properties: _Optional[_Iterable[str]] = ..., digest_functions: _Optional[_Iterable[_Union[DigestFunction.Value, str]]] = ...) -> None: ...
 
 class ToolDetails(_message.Message):
     __slots__ = ("tool_name", "tool_version")
