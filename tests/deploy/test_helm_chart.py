@@ -27,7 +27,6 @@ from tests.deploy.chart import (CHART, NAMESPACE, RELEASE, Doc, container, notes
 # must be valid for both. kubernetes-validate ships the schemas (offline).
 KUBERNETES_VERSIONS = ("1.29.0", "1.35.0")
 KURA_VALUES = Path(__file__).with_name("values-kura.yaml")
-DASHBOARD = CHART.parents[1] / "ops" / "grafana" / "dashboards" / "kura-cluster.json"
 DEFAULTS = Settings()
 
 # Node settings a pod never needs from the chart: the node's default is right in a pod.
@@ -515,7 +514,7 @@ def test_grafana_dashboard_configmap_holds_the_repositorys_dashboard() -> None:
     meta = configmap["metadata"]
     assert meta["labels"]["grafana_dashboard"] == "1" and meta["labels"]["app.kubernetes.io/name"] == "kura"
     assert meta["namespace"] == "monitoring" and meta["annotations"] == {"grafana_folder": "Kura"}
-    assert configmap["data"]["kura-cluster.json"] == DASHBOARD.read_text().rstrip("\n")
+    assert configmap["data"]["kura-cluster.json"] == (CHART / "dashboards" / "kura-cluster.json").read_text().rstrip("\n")
     assert json.loads(configmap["data"]["kura-cluster.json"])["uid"] == "kura-cluster"
     [configmap] = dashboards(render({"grafanaDashboard": {"enabled": True, "labels": {"dashboards": "kura"}}}))
     assert configmap["metadata"]["namespace"] == NAMESPACE and configmap["metadata"]["labels"]["dashboards"] == "kura"

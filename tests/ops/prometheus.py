@@ -14,7 +14,7 @@ from bench.proctree import free_ports
 
 BINARY = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
-JOB = "kura"  # the scrape job the alert rules expect (ops/prometheus/kura-alerts.yml)
+JOB = "kura"  # the scrape job the alert rules expect (ops/prometheus/alerts.yml)
 
 
 class Prometheus:

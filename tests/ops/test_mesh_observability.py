@@ -33,8 +33,8 @@ from tests.ops import prometheus
 from tests.ops.prometheus import Prometheus
 
 REPO = Path(__file__).resolve().parents[2]
-DASHBOARD = REPO / "ops" / "grafana" / "dashboards" / "kura-cluster.json"
-ALERTS = REPO / "ops" / "prometheus" / "kura-alerts.yml"
+DASHBOARD = REPO / "helm" / "kura" / "dashboards" / "kura-cluster.json"
+ALERTS = REPO / "ops" / "prometheus" / "alerts.yml"
 README = REPO / "README.md"
 REGIONS = {"us": "us-east", "eu": "eu-west", "ap": "ap-south"}
 OUTBOX_MAX_DEPTH = 40
