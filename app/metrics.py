@@ -7,7 +7,7 @@ that are read from the store or the shared node state at scrape time (outbox dep
 readiness, in-flight requests, memory, ...) are served by ``app.http.node_metrics``.
 
 Label values follow Kura's: artifact reads are ``ok`` / ``not_found`` / ``error``, writes
-``ok`` / ``error`` (plus ``exists`` and ``rejected``, which Kura does not count), the byte
+``ok`` / ``error`` / ``already_present`` (plus ``rejected``, which Kura does not count), the byte
 counters carry the same ``result``, and a request no route matched is ``/_unmatched``.
 
 Every process records into the multiprocess directory named by
@@ -35,7 +35,7 @@ KURA_BUCKETS = tuple(0.001 * 2 ** k for k in range(16))
 OK = "ok"
 NOT_FOUND = "not_found"
 ERROR = "error"
-EXISTS = "exists"  # a write skipped because the artifact is already stored (body not read)
+EXISTS = "already_present"  # Kura's: a write skipped, the artifact is already stored (body not read)
 REJECTED = "rejected"  # a write refused for the client's fault or a full budget (4xx)
 ABORTED = "aborted"  # a download the client stopped reading before its end
 TOO_LARGE = "too_large"
@@ -69,7 +69,7 @@ ARTIFACT_READS = Counter(
     "kura_artifact_reads_total", "Artifact reads by producer and result (ok, not_found, error)",
     ["producer", "result"])
 ARTIFACT_WRITES = Counter(
-    "kura_artifact_writes_total", "Artifact writes by producer and result (ok, error; exists: "
+    "kura_artifact_writes_total", "Artifact writes by producer and result (ok, error; already_present: "
     "already stored, body not read; rejected: the client's fault or a full budget)",
     ["producer", "result"])
 ARTIFACT_READ_BYTES = Counter(
