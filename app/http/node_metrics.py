@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from importlib import metadata
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from flask import Flask
 from prometheus_client import CollectorRegistry
@@ -100,18 +100,24 @@ class NodeCollector(Collector):
         by_process = GaugeMetricFamily("kura_node_process_resident_memory_bytes",
                                        "Resident memory of each process of the node by role",
                                        labels=["role", "pid"])
-        resident = virtual = 0
+        totals = _Memory(0, 0, 0)
         for pid, role in processes:
             sizes = _memory_bytes(pid)
             if sizes is None:
                 continue
-            by_process.add_metric([role, str(pid)], sizes[1])
-            virtual += sizes[0]
-            resident += sizes[1]
-        yield GaugeMetricFamily("kura_process_resident_memory_bytes",
-                                "Resident memory of the node (every process of it) in bytes", value=resident)
-        yield GaugeMetricFamily("kura_process_virtual_memory_bytes",
-                                "Virtual memory of the node (every process of it) in bytes", value=virtual)
+            by_process.add_metric([role, str(pid)], sizes.resident)
+            totals = _Memory(*(a + b for a, b in zip(totals, sizes)))
+        for name, help_text, value in (
+            ("kura_process_resident_memory_bytes", "Resident memory of the node (every process of it)",
+             totals.resident),
+            ("kura_process_resident_anon_bytes", "Anonymous resident memory of the node (every process "
+             "of it)", totals.resident - totals.file),
+            ("kura_process_resident_file_bytes", "File-backed and shared resident memory of the node "
+             "(every process of it; LMDB and segment pages mapped by it)", totals.file),
+            ("kura_process_virtual_memory_bytes", "Virtual memory of the node (every process of it)",
+             totals.virtual),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
         yield by_process
 
     def _mesh(self) -> Iterator[GaugeMetricFamily]:
@@ -165,15 +171,23 @@ class NodeCollector(Collector):
             yield GaugeMetricFamily(name, help_text, value=value)
 
 
-def _memory_bytes(pid: int) -> tuple[int, int] | None:
-    """``(virtual, resident)`` bytes of a process, None once it is gone."""
+class _Memory(NamedTuple):
+    virtual: int
+    resident: int
+    file: int  # resident pages backed by a file or shared memory (statm's "shared")
+
+
+def _memory_bytes(pid: int) -> _Memory | None:
+    """A process's memory in bytes, None once it is gone."""
     try:
         with open(f"/proc/{pid}/statm") as fh:
-            size, resident = fh.read().split()[:2]
+            pages = [int(field) for field in fh.read().split()[:3]]
     except (OSError, ValueError):
         return None
+    if len(pages) < 3:
+        return None
     page = os.sysconf("SC_PAGE_SIZE")
-    return int(size) * page, int(resident) * page
+    return _Memory(*(count * page for count in pages))
 
 
 class KuraCounterNames(Collector):
