@@ -2,8 +2,9 @@
 
 The node-wide gauges are read at scrape time from the store, the shared node state and
 ``/proc`` (one value per node, not per process): outbox depth, readiness, in-flight
-requests, staging, multipart uploads, memory, disk. The exposition is the Prometheus text
-format 0.0.4, as Kura serves it, and every ``kura_*`` counter appears twice: under its
+requests, staging, multipart uploads, memory, disk. The exposition is always the Prometheus
+text format 0.0.4 (in OpenMetrics a family named ``kura_x_total`` would claim the counter
+``kura_x``'s own ``kura_x_total`` samples), and every ``kura_*`` counter appears twice: under its
 name (``kura_http_requests_total``, what Kura's Grafana dashboard queries) and under the
 name Kura's own scrapes produce (``kura_http_requests_total_total``: Kura's Rust client
 appends ``_total`` to counter names that already end in it, and Tuist's alert rules and
@@ -27,7 +28,7 @@ from app.node_state import KIND_HTTP, KIND_NAMES, KIND_REAPI, NodeState
 from app.replication.pacing import effective_limit
 from app.storage.store import ArtifactStore
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Kura's
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # whatever Accept asks for
 
 
 def _version() -> str:
