@@ -110,6 +110,7 @@ def on_starting(server):
         sys.exit(1)
     _node_state = NodeState.reset(state_path(_run_dir))
     _node_state.set("started_ms", int(time.time() * 1000))
+    _node_state.set("master_pid", os.getpid())
     _node_state.set("writer_lock", 1)  # held since acquire() above, until on_exit
 
 
@@ -155,6 +156,14 @@ def when_ready(server):
     server.spawn_worker = spawning_with_stop_signals_held(server.spawn_worker)
     server.log.info("event=node_ready http_port=%s grpc_port=%s data_dir=%s",
                     _settings.port, _settings.grpc_port, os.path.abspath(_settings.data_dir))
+
+
+def post_request(worker, req, environ, resp):
+    """HTTP worker, after gunicorn wrote a response or gave up on it: count the artifact
+    body it carried (``kura_artifact_egress_*``). The download fast path counts its own."""
+    from app.http.bodies import record_egress
+
+    record_egress(environ, resp.sent if resp is not None else 0)
 
 
 def child_exit(server, worker):

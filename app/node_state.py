@@ -25,6 +25,7 @@ HEADER_FIELDS = (
     "magic", "draining", "ready", "generation", "discovery_done", "members",
     "bootstrap_known", "bootstrap_completed", "bootstrap_inflight", "started_ms",
     "writer_lock",  # the master holds the data directory's exclusive lock
+    "master_pid",
 )
 HEADER_WORDS = 16
 SLOT_FIELDS = ("pid", "kind", "inflight", "tmp_bytes", "latency_ewma_us", "latency_sample_ms")

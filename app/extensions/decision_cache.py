@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 from typing import Any, Callable, Generic, Hashable, TypeVar
 
-from app.extensions import metrics
+from app import metrics
 
 T = TypeVar("T")
 
@@ -50,7 +50,7 @@ class DecisionCache(Generic[T]):
                 self._entries.popitem(last=False)
                 evicted += 1
         if evicted:
-            metrics.CACHE.labels(cache=self.name, result="evicted").inc(evicted)
+            metrics.EXTENSION_CACHE.labels(cache=self.name, result="evicted").inc(evicted)
 
     def clear(self) -> int:
         with self._lock:

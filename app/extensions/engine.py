@@ -7,7 +7,7 @@ import time
 from typing import Any, Callable
 
 from app.errors import Forbidden, Unauthenticated
-from app.extensions import metrics
+from app import metrics
 from app.extensions.config import ExtensionConfig
 from app.extensions.context import HookContext, Principal
 from app.extensions.decision_cache import DecisionCache, SingleFlight
@@ -144,7 +144,7 @@ class Extensions:
             return AuthenticateOutcome()
         cached = self._authn_cache.get(key)
         if cached is not None:
-            metrics.AUTHN_HIT.inc()
+            metrics.EXTENSION_AUTHN_HIT.inc()
             return cached
 
         def compute() -> AuthenticateOutcome:
@@ -162,7 +162,7 @@ class Extensions:
             if self.config.fail_closed_authenticate:
                 raise Unauthenticated("Authentication failed") from None
             return None
-        metrics.CACHE.labels(cache="authenticate", result="coalesced" if shared else "miss").inc()
+        metrics.EXTENSION_CACHE.labels(cache="authenticate", result="coalesced" if shared else "miss").inc()
         return outcome
 
     def _authorize(self, ctx: HookContext, principal: Principal | None, key: tuple[Any, ...],
@@ -171,7 +171,7 @@ class Extensions:
             return AuthorizeOutcome(allow=True)
         cached = self._authz_cache.get(key)
         if cached is not None:
-            metrics.AUTHZ_HIT.inc()
+            metrics.EXTENSION_AUTHZ_HIT.inc()
             return cached
 
         def compute() -> AuthorizeOutcome:
@@ -193,7 +193,7 @@ class Extensions:
             if self.config.fail_closed_authorize:
                 raise Forbidden("Forbidden") from None
             return AuthorizeOutcome(allow=True)
-        metrics.CACHE.labels(cache="authorize", result="coalesced" if shared else "miss").inc()
+        metrics.EXTENSION_CACHE.labels(cache="authorize", result="coalesced" if shared else "miss").inc()
         return outcome
 
     # -- running hooks ----------------------------------------------------------
@@ -222,10 +222,10 @@ class Extensions:
             result_label = "timeout" if exc.reason == "timeout" else "error"
             raise
         finally:
-            metrics.HOOKS.labels(hook=hook, result=result_label).inc()
-            metrics.HOOK_DURATION.labels(hook=hook).observe(time.perf_counter() - started)
-            metrics.LUA_MEMORY.set(self._pool.lua_memory_used())
-            metrics.ABANDONED.set(self._pool.abandoned)
+            metrics.EXTENSION_HOOKS.labels(hook=hook, result=result_label).inc()
+            metrics.EXTENSION_HOOK_DURATION.labels(hook=hook).observe(time.perf_counter() - started)
+            metrics.EXTENSION_LUA_MEMORY.set(self._pool.lua_memory_used())
+            metrics.EXTENSION_ABANDONED.set(self._pool.abandoned)
 
     def _new_sandbox(self, limit_bytes: int) -> LuaSandbox:
         """Runs on a runner's own thread (``runner.py``)."""
@@ -234,7 +234,7 @@ class Extensions:
 
     def _record_failure(self, exc: HookFailed) -> None:
         if exc.reason == "invalid_result":
-            metrics.HOOKS.labels(hook=exc.hook, result="invalid").inc()
+            metrics.EXTENSION_HOOKS.labels(hook=exc.hook, result="invalid").inc()
         line = f" line={exc.line}" if exc.line is not None else ""
         log.warning("event=extension_hook_failed hook=%s reason=%s%s", exc.hook, exc.reason, line)
 

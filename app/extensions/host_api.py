@@ -34,7 +34,7 @@ import jwt
 import requests
 from requests.adapters import HTTPAdapter
 
-from app.extensions import metrics
+from app import metrics
 from app.extensions.config import ExtensionConfig, HttpClientConfig, normalize_id
 from app.extensions.sandbox import from_lua, to_lua
 
@@ -158,7 +158,7 @@ class HostApi:
         label = client.id.lower()
         for attempt in (1, 2):
             if deadline.io_remaining_s <= 0:
-                metrics.HTTP_CLIENT_REQUESTS.labels(client=label, result="budget").inc()
+                metrics.EXTENSION_HTTP_CLIENT_REQUESTS.labels(client=label, result="budget").inc()
                 raise HostError("the hook's I/O budget is spent")
             read_timeout = min(client.request_timeout_s, deadline.io_remaining_s)
             connect_timeout = min(client.connect_timeout_s, read_timeout)
@@ -172,7 +172,7 @@ class HostApi:
                     finally:
                         response.close()
             except (requests.ConnectionError, requests.Timeout) as exc:
-                metrics.HTTP_CLIENT_REQUESTS.labels(client=label, result="transport_error").inc()
+                metrics.EXTENSION_HTTP_CLIENT_REQUESTS.labels(client=label, result="transport_error").inc()
                 log.warning("event=extension_http_error client=%s attempt=%d error=%s",
                             label, attempt, type(exc).__name__)
                 if attempt == 1 and deadline.io_remaining_s > RETRY_DELAY_S:
@@ -181,7 +181,7 @@ class HostApi:
                     continue
                 raise HostError(f"HTTP client {ident!r} request failed after {attempt} attempt(s): "
                                 f"{type(exc).__name__}") from None
-            metrics.HTTP_CLIENT_REQUESTS.labels(client=label, result=f"{response.status_code // 100}xx").inc()
+            metrics.EXTENSION_HTTP_CLIENT_REQUESTS.labels(client=label, result=f"{response.status_code // 100}xx").inc()
             try:
                 decoded = json.loads(raw) if raw.strip() else None
             except ValueError:

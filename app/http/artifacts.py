@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Response, request
 
 from app import metrics
-from app.errors import KuraError, NotFound
+from app.errors import NotFound
 from app.http import routes
 from app.http.bodies import artifact_response, receive_body
 from app.http.services import services, store
@@ -15,11 +15,13 @@ def serve_artifact(producer: str, namespace_id: str, key: str,
                    not_found: str = "Artifact not found", content_type: str | None = None) -> Response:
     located = store().lookup(producer, namespace_id, key)
     if located is None:
-        metrics.ARTIFACT_READS.labels(producer, "miss").inc()
+        metrics.artifact_read(producer, metrics.NOT_FOUND)
         raise NotFound(not_found)
-    metrics.ARTIFACT_READS.labels(producer, "hit").inc()
     if request.method == "GET":
+        metrics.artifact_read(producer, metrics.OK, located.size)
         _report("download", producer, namespace_id, key, located.size)
+    else:
+        metrics.artifact_read(producer, metrics.OK)
     return artifact_response(located, content_type)
 
 
@@ -42,11 +44,10 @@ def store_upload(producer: str, namespace_id: str, key: str, limit: int,
             result = store().put_staged(producer, namespace_id, key, staged, mimetype,
                                         headers=headers)
             size = staged.size
-    except KuraError as exc:
-        metrics.ARTIFACT_WRITES.labels(producer, "rejected" if exc.http_status < 500 else "error").inc()
+    except Exception as exc:
+        metrics.artifact_write(producer, metrics.failed_write_result(exc))
         raise
-    metrics.ARTIFACT_WRITES.labels(producer, "created" if result.created else "updated").inc()
-    metrics.ARTIFACT_WRITE_BYTES.labels(producer).inc(size)
+    metrics.artifact_write(producer, metrics.OK, size)
     _report("upload", producer, namespace_id, key, size)
     return result
 
@@ -55,10 +56,13 @@ def store_document(producer: str, namespace_id: str, key: str, data: bytes,
                    content_type: str = "application/json") -> WriteResult:
     """Small documents (keyvalue entries) are kept inline in LMDB."""
     target = store()
-    target.check_write_budget()
-    result = target.put_bytes(producer, namespace_id, key, data, content_type, inline=True)
-    metrics.ARTIFACT_WRITES.labels(producer, "created" if result.created else "updated").inc()
-    metrics.ARTIFACT_WRITE_BYTES.labels(producer).inc(len(data))
+    try:
+        target.check_write_budget()
+        result = target.put_bytes(producer, namespace_id, key, data, content_type, inline=True)
+    except Exception as exc:
+        metrics.artifact_write(producer, metrics.failed_write_result(exc))
+        raise
+    metrics.artifact_write(producer, metrics.OK, len(data))
     return result
 
 

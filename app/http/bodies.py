@@ -16,7 +16,8 @@ hold as a value (integers past its digit limit, lone surrogates, NaN) refused as
 Downloads: inline bodies come from LMDB; segment bodies are handed to the server
 as a file positioned at the artifact's offset with an exact Content-Length, so
 the gunicorn worker sends them with a cooperative ``os.sendfile``
-(see ``app.http.worker``).
+(see ``app.http_worker``). What actually left is counted once the server is done
+with the response (:func:`record_egress`).
 """
 from __future__ import annotations
 
@@ -152,6 +153,20 @@ def receive_body(limit: int, too_large_message: str = "Payload too large",
     return staged
 
 
+# The artifact body a response carries, ``(producer, size)``, for :func:`record_egress`.
+EGRESS = "kura.egress"
+
+
+def record_egress(environ: dict[str, Any], sent: int) -> None:
+    """After the server wrote a response (gunicorn's ``post_request``, whether the write
+    finished or the client went away): count the artifact body it carried, if any, as sent
+    whole (``ok``) or ``aborted`` after ``sent`` body bytes."""
+    carried = environ.get(EGRESS)
+    if carried is not None:
+        producer, size = carried
+        metrics.artifact_egress(producer, metrics.OK if sent >= size else metrics.ABORTED, sent)
+
+
 def _bounded_reader(fh: BinaryIO, length: int) -> Iterator[bytes]:
     """User-space fallback (test client, TLS): exactly ``length`` bytes, then close."""
     try:
@@ -176,7 +191,7 @@ def artifact_response(located: Located, content_type: str | None = None,
         response = Response(b"", status=status, content_type=mimetype, headers=headers)
         response.headers["Content-Length"] = str(manifest.size)
         return response
-    metrics.ARTIFACT_READ_BYTES.labels(producer).inc(manifest.size)
+    request.environ[EGRESS] = (producer, manifest.size)
     if located.inline_body is not None:
         metrics.SERVING_PATHS.labels("inline").inc()
         return Response(located.inline_body, status=status, content_type=mimetype, headers=headers)

@@ -80,19 +80,28 @@ class FastReads:
         located = self._store.lookup(spec.producer or "", target.namespace_id, target.key or "")
         if located is None:
             return False  # the blueprint answers the miss (404 body, metrics)
+        producer = located.manifest.producer
+        body_size = located.size if req.method == "GET" else 0
+        metrics.artifact_read(producer, metrics.OK, body_size)
         self._node_state.add_inflight(1)
         try:
             self._respond(req, sock, spec, located, keep_alive)
+        except BaseException:
+            if body_size:
+                # The client went away (or the segment failed) mid-answer; how much of the
+                # body left is unknown here.
+                metrics.artifact_egress(producer, metrics.ABORTED, 0)
+            raise
         finally:
             self._node_state.add_inflight(-1)
+        if body_size:
+            metrics.artifact_egress(producer, metrics.OK, body_size)
         elapsed = time.perf_counter() - started
-        metrics.HTTP_REQUESTS.labels(spec.template, "200").inc()
-        metrics.HTTP_DURATION.labels(spec.template).observe(elapsed)
+        metrics.record_http(spec.template, 200, elapsed)
         self._node_state.note_latency(elapsed)  # bandwidth pacing (app.replication.pacing)
-        metrics.ARTIFACT_READS.labels(located.manifest.producer, "hit").inc()
         analytics = self._services.analytics
         if analytics is not None and req.method == "GET":
-            analytics.record(located.manifest.producer, target.tenant_id, target.namespace_id,
+            analytics.record(producer, target.tenant_id, target.namespace_id,
                              target.key or "", "download", located.size)
         if not keep_alive or req.should_close():
             raise StopIteration()  # gunicorn's way of ending the connection after this answer
@@ -110,7 +119,6 @@ class FastReads:
         if req.method == "HEAD":
             sock.sendall(head)
             return
-        metrics.ARTIFACT_READ_BYTES.labels(manifest.producer).inc(manifest.size)
         if located.inline_body is not None:
             metrics.SERVING_PATHS.labels("inline").inc()
             sock.sendall(head + located.inline_body)

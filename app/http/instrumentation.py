@@ -14,12 +14,12 @@ from app.http.services import services
 
 
 def _route() -> str:
-    """The ``route`` label: the declared Kura template; a probe's rule; else ``unmatched``."""
+    """The ``route`` label: the declared Kura template; a probe's rule; else ``/_unmatched``."""
     spec = routes.spec_for(request.endpoint)
     if spec is not None:
         return spec.template
     rule = request.url_rule
-    return rule.rule if rule is not None else "unmatched"
+    return rule.rule if rule is not None else metrics.UNMATCHED_ROUTE
 
 
 def _before() -> None:
@@ -49,13 +49,13 @@ def _after(response: Response) -> Response:
     if extensions is not None:
         hooks.add_response_headers(extensions, response)
     route = _route()
-    metrics.HTTP_REQUESTS.labels(route, str(response.status_code)).inc()
     started = g.get("kura_started")
-    if started is not None:
-        elapsed = time.perf_counter() - started
-        metrics.HTTP_DURATION.labels(route).observe(elapsed)
-        if g.get("kura_inflight"):  # public requests only (not probes): bandwidth pacing
-            services().node_state.note_latency(elapsed)
+    # Public requests only (not probes): the latency histogram and bandwidth pacing.
+    public = started is not None and g.get("kura_inflight") and route != metrics.UNMATCHED_ROUTE
+    elapsed = time.perf_counter() - started if public else None
+    metrics.record_http(route, response.status_code, elapsed)
+    if elapsed is not None:
+        services().node_state.note_latency(elapsed)
     return response
 
 

@@ -12,7 +12,7 @@ import re
 from flask import Blueprint, Response, jsonify, request
 
 from app import metrics
-from app.errors import BadRequest, NotFound
+from app.errors import BadRequest, NotFound, TooLarge, Unprocessable
 from app.http.artifacts import empty, serve_artifact
 from app.http.bodies import decode_json, read_document, receive_body
 from app.http.routes import READ, WRITE, route
@@ -86,7 +86,7 @@ def _open_upload(target: Target) -> Upload:
        target=MODULE_TARGET)
 def start(target: Target) -> Response:
     if store().exists(PRODUCER, target.namespace_id, target.key):
-        metrics.ARTIFACT_WRITES.labels(PRODUCER, "exists").inc()
+        metrics.artifact_write(PRODUCER, metrics.EXISTS)
         if _supports_no_content(request.headers.get("x-tuist-cli-version")):
             return empty(204)
         return jsonify({"upload_id": None})
@@ -97,24 +97,42 @@ def start(target: Target) -> Response:
 @route(bp, "/api/cache/module/part", methods=["POST"], operation=WRITE, producer=PRODUCER,
        target=UPLOAD_TARGET)
 def part(target: Target) -> Response:
-    upload = _open_upload(target)  # 404 before reading the body
-    number = parse_decimal(target.query.get("part_number", ""), "part_number",
-                           minimum=1, maximum=MAX_PART_NUMBER)
-    with receive_body(MAX_PART_BYTES, "Part exceeds 10MB limit") as staged:
-        services().uploads.put_part(upload.upload_id, number, staged)
+    try:
+        upload = _open_upload(target)  # 404 before reading the body
+        number = parse_decimal(target.query.get("part_number", ""), "part_number",
+                               minimum=1, maximum=MAX_PART_NUMBER)
+        with receive_body(MAX_PART_BYTES, "Part exceeds 10MB limit") as staged:
+            services().uploads.put_part(upload.upload_id, number, staged)
+    except Exception as exc:
+        metrics.MULTIPART_PARTS.labels(_part_result(exc)).inc()
+        raise
+    metrics.MULTIPART_PARTS.labels(metrics.OK).inc()
     return empty(204)
+
+
+def _part_result(exc: BaseException) -> str:
+    """Kura's ``kura_multipart_parts_total`` result for a part that failed."""
+    if isinstance(exc, NotFound):
+        return metrics.NOT_FOUND
+    if isinstance(exc, (TooLarge, Unprocessable)):  # the part (413) or the upload (422)
+        return metrics.TOO_LARGE
+    return metrics.failed_write_result(exc)
 
 
 @route(bp, "/api/cache/module/complete", methods=["POST"], operation=WRITE, producer=PRODUCER,
        target=UPLOAD_TARGET)
 def complete(target: Target) -> Response:
     upload = _open_upload(target)
-    raw = read_document(MAX_COMPLETE_BODY, "Complete request body too large")
-    doc = decode_json(raw, "Invalid JSON body") if raw else None
-    if not isinstance(doc, dict) or not isinstance(doc.get("parts"), list):
-        raise BadRequest("Parts mismatch or missing parts")
-    result = services().uploads.complete(upload.upload_id, doc["parts"])
-    metrics.ARTIFACT_WRITES.labels(PRODUCER, "created" if result.created else "updated").inc()
+    try:
+        raw = read_document(MAX_COMPLETE_BODY, "Complete request body too large")
+        doc = decode_json(raw, "Invalid JSON body") if raw else None
+        if not isinstance(doc, dict) or not isinstance(doc.get("parts"), list):
+            raise BadRequest("Parts mismatch or missing parts")
+        services().uploads.complete(upload.upload_id, doc["parts"])
+    except Exception as exc:
+        metrics.artifact_write(PRODUCER, metrics.failed_write_result(exc))
+        raise
+    metrics.artifact_write(PRODUCER, metrics.OK, upload.total_bytes)
     return empty(204)
 
 
@@ -124,7 +142,8 @@ def download(target: Target) -> Response:
     # ``{id}`` is ignored: the module is named by the query.
     if request.method == "HEAD":
         if not store().exists(PRODUCER, target.namespace_id, target.key):
-            metrics.ARTIFACT_READS.labels(PRODUCER, "miss").inc()
+            metrics.artifact_read(PRODUCER, metrics.NOT_FOUND)
             return empty(404)
+        metrics.artifact_read(PRODUCER, metrics.OK)
         return empty(204)
     return serve_artifact(PRODUCER, target.namespace_id, target.key)

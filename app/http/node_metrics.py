@@ -1,14 +1,26 @@
-"""Gauges read from the store at scrape time (one value per node, not per process)."""
+"""``/metrics``: every process's samples plus the node-wide gauges, in Kura's shape.
+
+The node-wide gauges are read at scrape time from the store, the shared node state and
+``/proc`` (one value per node, not per process): outbox depth, readiness, in-flight
+requests, staging, multipart uploads, memory, disk. The exposition is always the Prometheus
+text format 0.0.4 (in OpenMetrics a family named ``kura_x_total`` would claim the counter
+``kura_x``'s own ``kura_x_total`` samples), and every ``kura_*`` counter appears twice: under its
+name (``kura_http_requests_total``, what Kura's Grafana dashboard queries) and under the
+name Kura's own scrapes produce (``kura_http_requests_total_total``: Kura's Rust client
+appends ``_total`` to counter names that already end in it, and Tuist's alert rules and
+e2e checks query those). So both a Kura dashboard and Kura's alerts work unchanged.
+"""
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from importlib import metadata
+from typing import Iterable, Iterator, NamedTuple
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 from flask import Flask
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 from prometheus_flask_exporter import PrometheusMetrics
 
 from app import metrics
@@ -16,33 +28,98 @@ from app.node_state import KIND_HTTP, KIND_NAMES, KIND_REAPI, NodeState
 from app.replication.pacing import effective_limit
 from app.storage.store import ArtifactStore
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # whatever Accept asks for
+
+
+def _version() -> str:
+    try:
+        return metadata.version("kura-py")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
 
 class NodeCollector(Collector):
     def __init__(self, store: ArtifactStore, node_state: NodeState) -> None:
         self.store = store
         self.node_state = node_state
+        self.version = _version()
+        self.capacity_bytes = store.settings.resolved_capacity_bytes()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        settings = self.store.settings
         stats = self.store.stats()
-        yield GaugeMetricFamily("kura_outbox_messages", "Replication messages waiting in the outbox",
-                                value=stats["outbox_messages"])
-        yield GaugeMetricFamily("kura_artifacts", "Artifacts stored on this node", value=stats["artifacts"])
-        yield GaugeMetricFamily("kura_segments", "Segment files on this node", value=stats["segments"])
-        yield GaugeMetricFamily("kura_tmp_staged_bytes", "Bytes held in the tmp staging budget",
-                                value=self.store.staging.used_bytes())
-        inflight = GaugeMetricFamily("kura_inflight_requests", "Requests in flight", labels=["transport"])
-        inflight.add_metric(["http"], self.node_state.inflight(KIND_HTTP))
-        inflight.add_metric(["grpc"], self.node_state.inflight(KIND_REAPI))
-        yield inflight
+        node = self.node_state
+        info = GaugeMetricFamily("kura_node_info", "This node's identity (always 1)",
+                                 labels=["region", "tenant_id", "node_url", "version"])
+        info.add_metric([settings.region, settings.tenant_id, settings.resolved_node_url, self.version], 1)
+        yield info
+        for name, help_text, value in (
+            ("kura_process_start_time_seconds", "Unix time the node (its gunicorn master) started",
+             node.get("started_ms") / 1000),
+            ("kura_outbox_messages", "Replication messages waiting in the outbox", stats["outbox_messages"]),
+            ("kura_outbox_capacity", "KURA_OUTBOX_MAX_DEPTH: writes are refused with 429 past it",
+             settings.outbox_max_depth),
+            ("kura_artifacts", "Artifacts stored on this node", stats["artifacts"]),
+            ("kura_segments", "Segment files on this node", stats["segments"]),
+            ("kura_multipart_uploads", "Multipart uploads started and not yet completed or expired",
+             stats["multipart_uploads"]),
+            ("kura_tmp_dir_bytes", "Bytes held in the KURA_TMP_DIR staging budget",
+             self.store.staging.used_bytes()),
+            ("kura_http_inflight_requests", "Public HTTP requests in flight (probes excepted)",
+             node.inflight(KIND_HTTP)),
+            ("kura_grpc_inflight_requests", "gRPC calls in flight", node.inflight(KIND_REAPI)),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
+        yield from self._disk()
+        yield from self._memory()
         yield from self._mesh()
-        rss = GaugeMetricFamily("kura_process_resident_memory_bytes",
-                                "Resident memory of each process of the node", labels=["role", "pid"])
-        for pid, kind in self.node_state.processes():
-            value = _resident_bytes(pid)
-            if value is not None:
-                rss.add_metric([KIND_NAMES.get(kind, "other"), str(pid)], value)
-        yield rss
 
+    def _disk(self) -> Iterator[GaugeMetricFamily]:
+        """The data directory's filesystem and the capacity the node evicts down to."""
+        try:
+            stats = os.statvfs(self.store.settings.data_dir)
+        except OSError:
+            return
+        for name, help_text, value in (
+            ("kura_data_filesystem_size_bytes", "Size of the data directory's filesystem",
+             stats.f_blocks * stats.f_frsize),
+            ("kura_data_filesystem_free_bytes", "Free bytes of the data directory's filesystem "
+             "(available to the node)", stats.f_bavail * stats.f_frsize),
+            ("kura_cas_capacity_bytes", "KURA_CAS_CAPACITY_BYTES as resolved: segments are evicted "
+             "past it", self.capacity_bytes),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
+
+    def _memory(self) -> Iterator[GaugeMetricFamily]:
+        """Kura's process gauges for the node as a whole (all its processes), and each
+        process's resident memory by role."""
+        node = self.node_state
+        processes = [(pid, KIND_NAMES.get(kind, "other")) for pid, kind in node.processes()]
+        master = node.get("master_pid")
+        if master:
+            processes.append((master, "master"))
+        by_process = GaugeMetricFamily("kura_node_process_resident_memory_bytes",
+                                       "Resident memory of each process of the node by role",
+                                       labels=["role", "pid"])
+        totals = _Memory(0, 0, 0)
+        for pid, role in processes:
+            sizes = _memory_bytes(pid)
+            if sizes is None:
+                continue
+            by_process.add_metric([role, str(pid)], sizes.resident)
+            totals = _Memory(*(a + b for a, b in zip(totals, sizes)))
+        for name, help_text, value in (
+            ("kura_process_resident_memory_bytes", "Resident memory of the node (every process of it)",
+             totals.resident),
+            ("kura_process_resident_anon_bytes", "Anonymous resident memory of the node (every process "
+             "of it)", totals.resident - totals.file),
+            ("kura_process_resident_file_bytes", "File-backed and shared resident memory of the node "
+             "(every process of it; LMDB and segment pages mapped by it)", totals.file),
+            ("kura_process_virtual_memory_bytes", "Virtual memory of the node (every process of it)",
+             totals.virtual),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
+        yield by_process
 
     def _mesh(self) -> Iterator[GaugeMetricFamily]:
         """Readiness, drain and membership gauges with Kura's names (one value per node)."""
@@ -52,10 +129,6 @@ class NodeCollector(Collector):
         writer_lock = bool(node.get("writer_lock"))
         ready = serving and writer_lock and not draining
         traffic = 2 if draining else (1 if serving else 0)
-        settings = self.store.settings
-        info = GaugeMetricFamily("kura_node_info", "This node's identity", labels=["region", "tenant_id"])
-        info.add_metric([settings.region, settings.tenant_id], 1)
-        yield info
         for name, help_text, value in (
             ("kura_ready_state", "1 when /ready answers 200", int(ready)),
             ("kura_drain_state", "1 while the node drains", int(draining)),
@@ -99,18 +172,58 @@ class NodeCollector(Collector):
             yield GaugeMetricFamily(name, help_text, value=value)
 
 
-def _resident_bytes(pid: int) -> int | None:
+class _Memory(NamedTuple):
+    virtual: int
+    resident: int
+    file: int  # resident pages backed by a file or shared memory (statm's "shared")
+
+
+def _memory_bytes(pid: int) -> _Memory | None:
+    """A process's memory in bytes, None once it is gone."""
     try:
         with open(f"/proc/{pid}/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+            pages = [int(field) for field in fh.read().split()[:3]]
+    except (OSError, ValueError):
         return None
+    if len(pages) < 3:
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    return _Memory(*(count * page for count in pages))
+
+
+class KuraCounterNames(Collector):
+    """Every ``kura_*`` counter of ``source`` under both of its names (module docstring);
+    only the samples named in ``names`` when it is given (``/metrics?name[]=...``)."""
+
+    def __init__(self, source: Iterable[Collector], names: Iterable[str] = ()) -> None:
+        self.source = source
+        self.names = frozenset(names)
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in self.source:
+            for metric in collector.collect():
+                found = [metric]
+                if metric.type == "counter" and metric.name.startswith("kura_"):
+                    found.append(_doubled(metric))
+                for family in found:
+                    if self.names:
+                        family.samples = [s for s in family.samples if s.name in self.names]
+                    if family.samples or not self.names:
+                        yield family
+
+
+def _doubled(counter: Metric) -> Metric:
+    alias = Metric(counter.name + "_total", counter.documentation, "counter")
+    sample_name = counter.name + "_total"
+    alias.samples = [sample._replace(name=sample_name + "_total")
+                     for sample in counter.samples if sample.name == sample_name]
+    return alias
 
 
 class _Delegate(Collector):
     """Exposes the default in-process registry (single-process runs and tests)."""
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client import REGISTRY
 
         return REGISTRY.collect()
@@ -128,15 +241,12 @@ class NodeMetricsExporter(PrometheusMetrics):
 
     def generate_metrics(self, accept_header: str | None = None, names: list[str] | None = None
                          ) -> tuple[str, str]:
-        registry = metrics.scrape_registry()
-        if registry is metrics.default_registry():
-            registry = CollectorRegistry()
-            registry.register(_Delegate())
-        registry.register(self._node_collector)
-        if names:
-            registry = registry.restricted_registry(names)
-        generate_latest, content_type = choose_encoder(accept_header)
-        return generate_latest(registry).decode("utf-8"), content_type
+        processes = metrics.scrape_registry()
+        if processes is metrics.default_registry():
+            processes = _Delegate()
+        registry = CollectorRegistry()
+        registry.register(KuraCounterNames([processes, self._node_collector], names or ()))
+        return generate_latest(registry).decode("utf-8"), CONTENT_TYPE
 
 
 def install(app: Flask, store: ArtifactStore, node_state: NodeState) -> None:

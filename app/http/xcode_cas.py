@@ -20,7 +20,7 @@ TARGET = Targets(QUERY_TENANT, QUERY_NAMESPACE, PathKey("id", "CAS id", prefix="
 def upload(target: Target) -> Response:
     if store().exists(PRODUCER, target.namespace_id, target.key):
         # Already stored: answer without reading the body.
-        metrics.ARTIFACT_WRITES.labels(PRODUCER, "exists").inc()
+        metrics.artifact_write(PRODUCER, metrics.EXISTS)
         return empty(204)
     store_upload(PRODUCER, target.namespace_id, target.key, MAX_BYTES, "Payload exceeds 256MB limit")
     return empty(204)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager
-from typing import BinaryIO, Callable, Iterable, Iterator, TypeVar
+from typing import BinaryIO, Callable, Generator, Iterable, Iterator, TypeVar
 
 from app import metrics
-from app.errors import KuraError, NotFound
+from app.errors import NotFound
 from app.reapi.digests import BlobDigest, WriteResource
 from app.storage.partial_uploads import PartialUpload, PartialUploads
 from app.storage.staging import StagedBody
@@ -55,10 +55,10 @@ class ReapiCache:
             return None
         located = self.store.lookup(PRODUCER, namespace, digest.cas_key)
         if located is None:
-            metrics.ARTIFACT_READS.labels(PRODUCER, "miss").inc()
+            metrics.artifact_read(PRODUCER, metrics.NOT_FOUND)
             raise NotFound(f"Blob {digest} not found")
         if located.size != digest.size:  # cannot happen for keys we wrote; never serve it
-            metrics.ARTIFACT_READS.labels(PRODUCER, "error").inc()
+            metrics.artifact_read(PRODUCER, metrics.ERROR)
             raise NotFound(f"Blob {digest} not found")
         return located
 
@@ -66,11 +66,9 @@ class ReapiCache:
         """A whole blob in memory: callers bound ``digest.size`` (batch reads, Directory protos)."""
         located = self.locate(namespace, digest)
         if located is None:
-            metrics.ARTIFACT_READS.labels(PRODUCER, "hit").inc()
+            metrics.artifact_read(PRODUCER, metrics.OK)
             return b""
-        data = self._counted(lambda: self.store.read_bytes(located))
-        metrics.ARTIFACT_READ_BYTES.labels(PRODUCER).inc(len(data))
-        return data
+        return self._counted(lambda: self.store.read_bytes(located), located.size)
 
     def read_chunks(self, namespace: str, digest: BlobDigest, offset: int, limit: int,
                     chunk_size: int) -> Iterator[bytes]:
@@ -83,24 +81,23 @@ class ReapiCache:
         """
         located = self.locate(namespace, digest)
         if located is None or limit == 0:
-            metrics.ARTIFACT_READS.labels(PRODUCER, "hit").inc()
+            metrics.artifact_read(PRODUCER, metrics.OK)
             return iter(())
         if located.inline_body is not None:
-            metrics.ARTIFACT_READS.labels(PRODUCER, "hit").inc()
-            return self._inline_chunks(located.inline_body, offset, limit, chunk_size)
-        body = self._counted(lambda: self.store.open_body(located))
-        return self._segment_chunks(body, located, digest, offset, limit, chunk_size)
+            metrics.artifact_read(PRODUCER, metrics.OK, limit)
+            return _egress(self._inline_chunks(located.inline_body, offset, limit, chunk_size))
+        body = self._counted(lambda: self.store.open_body(located), limit)
+        return _egress(self._segment_chunks(body, located, digest, offset, limit, chunk_size))
 
     @staticmethod
-    def _inline_chunks(body: bytes, offset: int, limit: int, chunk_size: int) -> Iterator[bytes]:
+    def _inline_chunks(body: bytes, offset: int, limit: int,
+                       chunk_size: int) -> Generator[bytes, None, None]:
         for start in range(offset, offset + limit, chunk_size):
-            piece = body[start:min(start + chunk_size, offset + limit)]
-            metrics.ARTIFACT_READ_BYTES.labels(PRODUCER).inc(len(piece))
-            yield piece
+            yield body[start:min(start + chunk_size, offset + limit)]
 
     @staticmethod
     def _segment_chunks(body: BinaryIO, located: Located, digest: BlobDigest, offset: int,
-                        limit: int, chunk_size: int) -> Iterator[bytes]:
+                        limit: int, chunk_size: int) -> Generator[bytes, None, None]:
         try:
             fd = body.fileno()
             base = located.manifest.offset
@@ -110,23 +107,22 @@ class ReapiCache:
                 if not piece:
                     raise NotFound(f"Blob {digest} is truncated in storage")
                 position += len(piece)
-                metrics.ARTIFACT_READ_BYTES.labels(PRODUCER).inc(len(piece))
                 yield piece
         finally:
             body.close()
 
     @staticmethod
-    def _counted(fn: Callable[[], T]) -> T:
-        """Run a storage read, counting it as hit, miss or error."""
+    def _counted(fn: Callable[[], T], size: int) -> T:
+        """Run a storage read, counting it as ok (of ``size`` bytes), not_found or error."""
         try:
             result = fn()
         except NotFound:
-            metrics.ARTIFACT_READS.labels(PRODUCER, "miss").inc()
+            metrics.artifact_read(PRODUCER, metrics.NOT_FOUND)
             raise
         except Exception:
-            metrics.ARTIFACT_READS.labels(PRODUCER, "error").inc()
+            metrics.artifact_read(PRODUCER, metrics.ERROR)
             raise
-        metrics.ARTIFACT_READS.labels(PRODUCER, "hit").inc()
+        metrics.artifact_read(PRODUCER, metrics.OK, size)
         return result
 
     # -- CAS writes -----------------------------------------------------------------
@@ -152,58 +148,67 @@ class ReapiCache:
             staged.finish(expected_size=digest.size, expected_hash=digest.hash)
             if digest.is_empty:
                 return
-            result = self.store.put_staged(PRODUCER, namespace, digest.cas_key, staged)
-            self._count_write(result.created, digest.size)
+            self.store.put_staged(PRODUCER, namespace, digest.cas_key, staged)
+            metrics.artifact_write(PRODUCER, metrics.OK, digest.size)
 
     def put_many(self, namespace: str, blobs: list[tuple[BlobDigest, bytes]]) -> None:
         """Publish verified small blobs together: one append, one fdatasync, one transaction
         for the whole batch instead of one each (BatchUpdateBlobs)."""
         with _WriteOutcome():
             items = [(digest.cas_key, data) for digest, data in blobs if not digest.is_empty]
-            results = self.store.put_many(PRODUCER, namespace, items)
-            for (_, data), result in zip(items, results):
-                self._count_write(result.created, len(data))
-
-    def _count_write(self, created: bool, size: int) -> None:
-        metrics.ARTIFACT_WRITES.labels(PRODUCER, "created" if created else "updated").inc()
-        metrics.ARTIFACT_WRITE_BYTES.labels(PRODUCER).inc(size)
+            self.store.put_many(PRODUCER, namespace, items)
+            for _, data in items:
+                metrics.artifact_write(PRODUCER, metrics.OK, len(data))
 
     def note_existing_write(self) -> None:
         """A write skipped because the blob is already stored."""
-        metrics.ARTIFACT_WRITES.labels(PRODUCER, "exists").inc()
+        metrics.artifact_write(PRODUCER, metrics.EXISTS)
 
     # -- action cache -------------------------------------------------------------
     def get_action_result(self, namespace: str, action: BlobDigest) -> bytes:
         """The serialized ActionResult stored for ``action`` (NotFound when absent)."""
         located = self.store.lookup(PRODUCER, namespace, action.ac_key)
         if located is None:
-            metrics.ARTIFACT_READS.labels(PRODUCER, "miss").inc()
+            metrics.artifact_read(PRODUCER, metrics.NOT_FOUND)
             raise NotFound(f"Action result for {action} not found")
-        data = self._counted(lambda: self.store.read_bytes(located))
-        metrics.ARTIFACT_READ_BYTES.labels(PRODUCER).inc(len(data))
-        return data
+        return self._counted(lambda: self.store.read_bytes(located), located.size)
 
     def note_stale_action_result(self) -> None:
-        """A stored result withheld because its outputs are gone (counted as a miss)."""
-        metrics.ARTIFACT_READS.labels(PRODUCER, "miss").inc()
+        """A stored result withheld because its outputs are gone (counted as not found)."""
+        metrics.artifact_read(PRODUCER, metrics.NOT_FOUND)
 
     def put_action_result(self, namespace: str, action: BlobDigest, serialized: bytes) -> None:
         with _WriteOutcome():
-            result = self.store.put_bytes(PRODUCER, namespace, action.ac_key, serialized,
-                                          "application/x-protobuf",
-                                          inline=len(serialized) <= MAX_INLINE_ACTION_RESULT)
-            self._count_write(result.created, len(serialized))
+            self.store.put_bytes(PRODUCER, namespace, action.ac_key, serialized,
+                                 "application/x-protobuf",
+                                 inline=len(serialized) <= MAX_INLINE_ACTION_RESULT)
+            metrics.artifact_write(PRODUCER, metrics.OK, len(serialized))
+
+
+def _egress(chunks: Generator[bytes, None, None]) -> Iterator[bytes]:
+    """A ByteStream.Read body, counted once it ends: sent whole, aborted by the client
+    (grpcio closes the generator) or cut by an error."""
+    sent, result = 0, metrics.ERROR
+    try:
+        for piece in chunks:
+            yield piece
+            sent += len(piece)  # grpcio took it
+        result = metrics.OK
+    except GeneratorExit:
+        result = metrics.ABORTED
+        raise
+    finally:
+        chunks.close()  # the segment file, now rather than at garbage collection
+        metrics.artifact_egress(PRODUCER, result, sent)
 
 
 class _WriteOutcome:
-    """Counts a failed write as ``rejected`` (client's fault) or ``error`` (ours)."""
+    """Counts a failed write as ``rejected`` (client's fault, full budget) or ``error`` (ours)."""
 
     def __enter__(self) -> "_WriteOutcome":
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  _tb: object) -> None:
-        if exc is None:
-            return
-        client_fault = isinstance(exc, KuraError) and exc.http_status < 500 and exc.http_status != 429
-        metrics.ARTIFACT_WRITES.labels(PRODUCER, "rejected" if client_fault else "error").inc()
+        if exc is not None:
+            metrics.artifact_write(PRODUCER, metrics.failed_write_result(exc))

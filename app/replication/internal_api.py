@@ -27,6 +27,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import re
 import ssl
 import time
 from typing import Any, Callable
@@ -179,8 +180,19 @@ def create_internal_app(settings: Settings, store: ArtifactStore,
                         headers={"Content-Length": str(stream.length)},
                         content_type=FRAMES_CONTENT_TYPE)
 
+    @app.after_request
+    def count_request(response: Response) -> Response:
+        rule = request.url_rule
+        metrics.record_http(_RULE_VARIABLE.sub(r"{\1}", rule.rule) if rule is not None
+                            else metrics.UNMATCHED_ROUTE, response.status_code)
+        return response
+
     register_error_handlers(app)
     return app
+
+
+# A Flask rule's ``<name>`` is Kura's ``{name}`` in the ``route`` label.
+_RULE_VARIABLE = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 
 def _artifact_id(hex_id: Any) -> bytes:

@@ -547,7 +547,9 @@ class ArtifactStore:
             artifacts = txn.stat(self.dbs.manifests)["entries"]
             outbox = txn.stat(self.dbs.outbox)["entries"]
             segments = txn.stat(self.dbs.segments)["entries"]
-        return {"artifacts": artifacts, "outbox_messages": outbox, "segments": segments}
+            multipart = txn.stat(self.dbs.multipart)["entries"]
+        return {"artifacts": artifacts, "outbox_messages": outbox, "segments": segments,
+                "multipart_uploads": multipart}
 
     def iter_namespace(self, namespace_id: str) -> Iterable[Manifest]:
         prefix = namespace_key(namespace_id)

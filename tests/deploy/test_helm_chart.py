@@ -8,6 +8,7 @@ fed to the node's own configuration parser.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -77,6 +78,7 @@ EVERYTHING: dict[str, Any] = {
     "extraVolumes": [{"name": "cache-scratch", "emptyDir": {"medium": "Memory"}}],
     "extraVolumeMounts": [{"name": "cache-scratch", "mountPath": "/scratch"}],
     "networkPolicy": {"clientFrom": [{"namespaceSelector": {"matchLabels": {"ci": "true"}}}]},
+    "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "Kura"}},
     "imagePullSecrets": [{"name": "regcred"}],
     "priorityClassName": "build-infra",
     "tolerations": [{"key": "role", "operator": "Equal", "value": "cache", "effect": "NoSchedule"}],
@@ -135,7 +137,8 @@ def test_chart_has_required_files() -> None:
     for name in ("Chart.yaml", "values.yaml", "values.schema.json", "README.md", "templates/_helpers.tpl",
                  "templates/statefulset.yaml", "templates/service-headless.yaml", "templates/service.yaml",
                  "templates/ingress.yaml", "templates/pdb.yaml", "templates/networkpolicy.yaml",
-                 "templates/configmap-extension.yaml", "templates/serviceaccount.yaml",
+                 "templates/configmap-extension.yaml", "templates/configmap-grafana-dashboard.yaml",
+                 "templates/serviceaccount.yaml", "dashboards/kura-cluster.json",
                  "templates/NOTES.txt"):
         assert (CHART / name).is_file(), f"helm/kura/{name} is missing"
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
@@ -499,3 +502,19 @@ def test_pod_annotations_win_over_the_metrics_annotations() -> None:
     annotations = meta["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "false" and annotations["team"] == "build"
     assert "annotations" not in statefulset({"metricsAnnotations": False})["spec"]["template"]["metadata"]
+
+
+def test_grafana_dashboard_configmap_holds_the_repositorys_dashboard() -> None:
+    def dashboards(docs: list[Doc]) -> list[Doc]:
+        return [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-grafana-dashboard")]
+
+    assert dashboards(render()) == []  # off by default
+    [configmap] = dashboards(render({"grafanaDashboard": {"enabled": True, "namespace": "monitoring",
+                                                          "annotations": {"grafana_folder": "Kura"}}}))
+    meta = configmap["metadata"]
+    assert meta["labels"]["grafana_dashboard"] == "1" and meta["labels"]["app.kubernetes.io/name"] == "kura"
+    assert meta["namespace"] == "monitoring" and meta["annotations"] == {"grafana_folder": "Kura"}
+    assert configmap["data"]["kura-cluster.json"] == (CHART / "dashboards" / "kura-cluster.json").read_text().rstrip("\n")
+    assert json.loads(configmap["data"]["kura-cluster.json"])["uid"] == "kura-cluster"
+    [configmap] = dashboards(render({"grafanaDashboard": {"enabled": True, "labels": {"dashboards": "kura"}}}))
+    assert configmap["metadata"]["namespace"] == NAMESPACE and configmap["metadata"]["labels"]["dashboards"] == "kura"

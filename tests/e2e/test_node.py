@@ -91,7 +91,7 @@ def test_50_concurrent_uploads_and_reads(node) -> None:
         assert set(pool.map(upload, blobs)) == {201}
         assert list(pool.map(read, blobs)) == list(blobs.values())
     # Metrics from both workers are aggregated into one /metrics.
-    assert metric(node, 'kura_artifact_writes_total{producer="gradle",result="created"}') == 50
+    assert metric(node, 'kura_artifact_writes_total{producer="gradle",result="ok"}') == 50
 
 
 def test_truncated_upload_from_a_disconnecting_client_is_invisible(node) -> None:

@@ -121,8 +121,8 @@ end"""
 
 
 def _counter(ext):
-    from app.extensions import metrics
-    return lambda hook: metrics.HOOKS.labels(hook=hook, result="ok")._value.get()
+    from app import metrics
+    return lambda hook: metrics.EXTENSION_HOOKS.labels(hook=hook, result="ok")._value.get()
 
 
 def test_allow_and_deny_ttls(make_extensions, clock) -> None:

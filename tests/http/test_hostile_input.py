@@ -91,8 +91,8 @@ def test_cli_version_with_an_absurd_number_is_an_old_client(client) -> None:
 
 
 @pytest.mark.parametrize("url", [
-    f"/api/cache/gradle/%ED%A0%80?{T}", f"/api/cache/gradle/k?tenant_id=%ED%A0%80",
-    f"/api/cache/module/start?{T}&hash=%ED%A0%80&name=n", f"/gradle/%ED%A0%80/_/k",
+    f"/api/cache/gradle/%ED%A0%80?{T}", "/api/cache/gradle/k?tenant_id=%ED%A0%80",
+    f"/api/cache/module/start?{T}&hash=%ED%A0%80&name=n", "/gradle/%ED%A0%80/_/k",
 ])
 def test_encoded_surrogates_in_ids_are_400(client, url: str) -> None:
     r = client.get(url) if "/start" not in url else client.post(url)

@@ -70,7 +70,7 @@ def test_metrics_use_route_templates(client) -> None:
     text = client.get("/metrics").data.decode()
     assert 'kura_http_requests_total{route="/api/cache/gradle/{cache_key}",status="201"}' in text
     assert "some-key" not in text
-    assert 'kura_artifact_writes_total{producer="gradle",result="created"}' in text
+    assert 'kura_artifact_writes_total{producer="gradle",result="ok"}' in text
     assert "kura_outbox_messages" in text
 
 

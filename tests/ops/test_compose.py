@@ -27,10 +27,10 @@ from app.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS_CONFIG = ROOT / "ops" / "prometheus" / "prometheus.yml"
-ALERT_RULES = ROOT / "ops" / "prometheus" / "alerts.yml"  # from the metrics work (issue 12)
+ALERT_RULES = ROOT / "ops" / "prometheus" / "alerts.yml"
 GRAFANA = ROOT / "ops" / "grafana"
-DASHBOARDS = GRAFANA / "dashboards"
-HOME_DASHBOARD = "kura-cluster.json"  # Kura's name, kept by the metrics work
+DASHBOARDS = ROOT / "helm" / "kura" / "dashboards"  # the chart's copy is the only one
+HOME_DASHBOARD = "kura-cluster.json"  # Kura's name
 NODE_NAMES = [spec.name for spec in LAYOUT]
 
 
@@ -206,14 +206,12 @@ def test_prometheus_scrapes_every_node_labelled_with_its_region() -> None:
     envs = {name: services[name]["environment"] for name in NODE_NAMES}
     assert targets == {(f"{name}:{env['KURA_PORT']}",): env["KURA_REGION"] for name, env in envs.items()}
     assert job.get("metrics_path", "/metrics") == "/metrics"
-    # Rule files resolve against the config file's directory: the metrics work's alert rules.
+    # Rule files resolve against the config file's directory: the alert rules beside it.
     assert [PROMETHEUS_CONFIG.parent / f for f in config["rule_files"]] == [ALERT_RULES]
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None,
                     reason="promtool (Debian's prometheus package, .ci/apt-packages-ops.txt) missing")
-@pytest.mark.xfail(not ALERT_RULES.exists(), strict=True,
-                   reason="ops/prometheus/alerts.yml comes with the metrics and alerts work")
 def test_prometheus_config_and_its_rules_pass_promtool() -> None:
     result = subprocess.run(["promtool", "check", "config", str(PROMETHEUS_CONFIG)],
                             capture_output=True, text=True, timeout=60)
@@ -240,8 +238,9 @@ def test_grafana_provisions_prometheus_and_the_dashboards_directory() -> None:
     assert mounts[dashboards_in_container] == DASHBOARDS
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{dashboards_in_container}/{HOME_DASHBOARD}"
+    assert (DASHBOARDS / HOME_DASHBOARD).is_file()
     # Every dashboard shipped queries the provisioned datasource, directly or through a
-    # template variable (none is here before the metrics work adds kura-cluster.json).
+    # template variable.
     for path in DASHBOARDS.glob("*.json"):
         uids = {uid for uid in datasource_uids(json.loads(path.read_text())) if not uid.startswith("$")}
         assert uids <= {source["uid"]}, f"{path.name} uses datasources {uids}"

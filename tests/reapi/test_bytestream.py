@@ -32,7 +32,7 @@ def expect_code(code: grpc.StatusCode, fn, *args, **kwargs) -> str:  # type: ign
 
 def test_write_then_read_multi_chunk(reapi: RunningReapi) -> None:
     data = os.urandom(3 * 1024 * 1024 + 123)  # several 1 MiB read chunks, many write chunks
-    writes = sample("kura_artifact_writes_total", producer="reapi", result="created")
+    writes = sample("kura_artifact_writes_total", producer="reapi", result="ok")
     ok_writes = sample("kura_grpc_requests_total", method="/google.bytestream.ByteStream/Write", code="OK")
     d = reapi.client.upload(data, instance="ci", chunk=200_000)
     assert reapi.client.missing([d], instance="ci") == []
@@ -43,7 +43,7 @@ def test_write_then_read_multi_chunk(reapi: RunningReapi) -> None:
     assert reapi.client.download(d, "ci", offset=1000, limit=5000) == data[1000:6000]
     assert reapi.client.download(d, "ci", offset=len(data) - 10, limit=1000) == data[-10:]
     assert reapi.client.download(d, "ci", offset=len(data)) == b""
-    assert sample("kura_artifact_writes_total", producer="reapi", result="created") == writes + 1
+    assert sample("kura_artifact_writes_total", producer="reapi", result="ok") == writes + 1
     assert sample("kura_grpc_requests_total", method="/google.bytestream.ByteStream/Write",
                   code="OK") == ok_writes + 1
 
@@ -52,10 +52,10 @@ def test_read_errors(reapi: RunningReapi) -> None:
     data = b"0123456789"
     d = reapi.client.upload(data)
     bs = reapi.client.bytestream
-    misses = sample("kura_artifact_reads_total", producer="reapi", result="miss")
+    misses = sample("kura_artifact_reads_total", producer="reapi", result="not_found")
     expect_code(grpc.StatusCode.NOT_FOUND, bs.Read,
                 bs_pb2.ReadRequest(resource_name=read_resource(digest_of(b"nope"))), timeout=10)
-    assert sample("kura_artifact_reads_total", producer="reapi", result="miss") == misses + 1
+    assert sample("kura_artifact_reads_total", producer="reapi", result="not_found") == misses + 1
     expect_code(grpc.StatusCode.NOT_FOUND, bs.Read,
                 bs_pb2.ReadRequest(resource_name=read_resource(d, "elsewhere")), timeout=10)
     expect_code(grpc.StatusCode.OUT_OF_RANGE, bs.Read,

@@ -7,7 +7,6 @@ import errno
 import multiprocessing
 import os
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Callable, Iterator
 
 import lmdb
