@@ -8,15 +8,17 @@ small body in one send; large bodies with the cooperative ``os.sendfile``), skip
 Flask, Werkzeug and gunicorn's response object. Anything else — hooks enabled, a draining
 node, a miss, a target that does not parse, a request with a body, another route —
 returns False and the request goes to the normal blueprint untouched, so every error and
-edge case keeps exactly one definition: the blueprint's.
+edge case keeps exactly one definition: the blueprint's. An answer given here has its
+trace span like any other (``app.tracing``), which covers the whole send.
 """
 from __future__ import annotations
 
+import sys
 import time
 from email.utils import formatdate
 from typing import Any, Callable
 
-from app import metrics
+from app import metrics, tracing
 from app.errors import KuraError
 from app.http.bodies import SMALL_BODY
 from app.http.routes import RouteSpec, fast_path_specs
@@ -80,11 +82,16 @@ class FastReads:
         located = self._store.lookup(spec.producer or "", target.namespace_id, target.key or "")
         if located is None:
             return False  # the blueprint answers the miss (404 body, metrics)
+        span = None if tracing.TRACER is None else tracing.start_http_span(
+            req.method, spec.template, path, tracing.carrier(req.headers), None)
         self._node_state.add_inflight(1)
         try:
             self._respond(req, sock, spec, located, keep_alive)
         finally:
             self._node_state.add_inflight(-1)
+            if span is not None:
+                tracing.set_http_response(span, req.method, 200, located.size)
+                tracing.end_span(span, sys.exc_info()[1])
         elapsed = time.perf_counter() - started
         metrics.HTTP_REQUESTS.labels(spec.template, "200").inc()
         metrics.HTTP_DURATION.labels(spec.template).observe(elapsed)

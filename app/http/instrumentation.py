@@ -1,12 +1,12 @@
 """Per-request bookkeeping shared by every route: draining, in-flight count, the target,
-the hooks and the metrics."""
+the hooks, the metrics and the trace span (``app.tracing``; probes have none)."""
 from __future__ import annotations
 
 import time
 
 from flask import Flask, Response, g, request
 
-from app import metrics
+from app import metrics, tracing
 from app.errors import Draining
 from app.http import hooks, routes
 from app.http.probes import PROBE_ENDPOINTS
@@ -26,6 +26,9 @@ def _before() -> None:
     g.kura_started = time.perf_counter()
     if request.endpoint in PROBE_ENDPOINTS:
         return
+    if tracing.TRACER is not None:
+        g.kura_span = tracing.start_http_span(request.method, _route(), request.path, request.headers,
+                                              request.content_length)
     node = services()
     if node.node_state.draining:
         raise Draining()
@@ -56,12 +59,17 @@ def _after(response: Response) -> Response:
         metrics.HTTP_DURATION.labels(route).observe(elapsed)
         if g.get("kura_inflight"):  # public requests only (not probes): bandwidth pacing
             services().node_state.note_latency(elapsed)
+    if tracing.TRACER is not None and "kura_span" in g:
+        tracing.set_http_response(g.kura_span, request.method, response.status_code,
+                                  response.content_length)
     return response
 
 
 def _teardown(_exc: BaseException | None) -> None:
     if g.pop("kura_inflight", False):
         services().node_state.add_inflight(-1)
+    if tracing.TRACER is not None and "kura_span" in g:
+        tracing.end_span(g.pop("kura_span"), _exc)
 
 
 def install(app: Flask) -> None:

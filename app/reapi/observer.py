@@ -8,6 +8,8 @@ code into ``GRPC_REQUESTS``, and any exception is turned into a status with
 ``app.reapi.errors.status_for`` (the one mapping). The tenant named in the
 call's metadata is validated here for every call (``app.reapi.tenancy``), and
 while the node drains new calls are refused with UNAVAILABLE (probes excepted).
+Each call but the probes has its trace span (``app.tracing``), parented by a
+``traceparent`` in its metadata.
 
 Request messages are decoded here too: grpcio answers INTERNAL "Exception
 deserializing request!" before any interceptor runs when a handler's deserializer
@@ -23,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import grpc
 
-from app import metrics
+from app import metrics, tracing
 from app.errors import Draining, TruncatedBody
 from app.node_state import NodeState
 from app.reapi.errors import UndecodableRequest, status_for
@@ -51,6 +53,8 @@ def _settle(context: grpc.ServicerContext) -> None:
 class _Call:
     """Bookkeeping for one RPC from its first byte to its status."""
 
+    span: Any = None  # its trace span, while tracing is on
+
     def __init__(self, observer: "RpcObserver", method: str) -> None:
         self.observer = observer
         self.method = method
@@ -61,6 +65,8 @@ class _Call:
 
     def admit(self, context: grpc.ServicerContext) -> None:
         """Refuse new work while the node drains; validate the call's tenant metadata."""
+        if tracing.TRACER is not None and not self.probe:
+            self.span = tracing.start_grpc_span(self.method, context.invocation_metadata())
         if not self.probe and self.observer.node_state.draining:
             raise Draining()
         requested_tenant(context.invocation_metadata())
@@ -95,6 +101,8 @@ class _Call:
         metrics.GRPC_DURATION.labels(self.method).observe(elapsed)
         if not self.probe:  # public calls only: bandwidth pacing (app.replication.pacing)
             self.observer.node_state.note_latency(elapsed)
+        if self.span is not None:
+            tracing.end_grpc_span(self.span, code)
         # Last: a drain (or a test) that sees zero in flight also sees this call's metrics.
         self.observer.node_state.add_inflight(-1)
 
