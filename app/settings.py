@@ -108,7 +108,7 @@ class Settings:
     analytics_circuit_breaker_failure_threshold: int = 5
     analytics_circuit_breaker_open_ms: int = 30_000
     # Traces (app.tracing): off unless the OTLP/HTTP endpoint is set. Kura requires the
-    # other two; here they have defaults (the Helm chart's environment, the service's name).
+    # other two; here they have defaults, so that a node with no environment at all starts.
     otlp_traces_endpoint: str = ""
     otel_service_name: str = "kura"
     otel_deployment_environment: str = "production"
@@ -293,18 +293,18 @@ def _parse_node_url(name: str, raw: str) -> str:
 
 
 def _parse_otlp_endpoint(name: str, raw: str) -> str:
-    """The full OTLP/HTTP traces URL, used as is (``http://collector:4318/v1/traces``).
-    Kura reads a URL without a path, or a ``grpc://`` one, as OTLP/gRPC, which kura-py
-    does not export: refused rather than sent to the wrong protocol."""
+    """The OTLP/HTTP traces URL, used as is (``http://otel-collector:4318/v1/traces``), as
+    Kura's exporter uses it. Anything but an http(s) URL with a host is refused: spans are
+    exported over HTTP only, so ``grpc://...`` or a bare ``host:port`` could never work."""
     value = raw.strip()
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number in range
+        usable = False
+    if not usable:
         raise ConfigError(f"{name} must be an http(s) OTLP/HTTP traces URL such as "
                           f"http://otel-collector:4318/v1/traces, got {raw!r}")
-    if parts.path in ("", "/"):
-        raise ConfigError(f"{name} must include the OTLP/HTTP traces path (for example "
-                          f"http://otel-collector:4318/v1/traces): kura-py exports OTLP over HTTP, "
-                          f"and Kura reads a URL without a path as OTLP/gRPC; got {raw!r}")
     return value
 
 

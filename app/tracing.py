@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
 if TYPE_CHECKING:
@@ -114,7 +116,10 @@ def start(settings: "Settings", process: str) -> bool:
         "kura.region": settings.region,
         "kura.tenant_id": settings.tenant_id,
         "service.instance.id": settings.resolved_node_url,
+        # Beyond Kura's (one process per node there): which process of the node, and
+        # which of its several HTTP workers.
         "kura.process": process,
+        "process.pid": os.getpid(),
     })
     provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON), shutdown_on_exit=False)
     exporter = OTLPSpanExporter(endpoint=settings.otlp_traces_endpoint, timeout=EXPORT_TIMEOUT_S)
@@ -127,6 +132,10 @@ def start(settings: "Settings", process: str) -> bool:
     log.info("event=tracing_started process=%s endpoint=%s service_name=%s deployment_environment=%s",
              process, settings.otlp_traces_endpoint, settings.otel_service_name,
              settings.otel_deployment_environment)
+    if urlsplit(settings.otlp_traces_endpoint).path in ("", "/"):
+        # Used as is, as Kura does: a collector takes OTLP/HTTP spans at /v1/traces.
+        log.warning("event=tracing_endpoint_without_path endpoint=%s hint=%s",
+                    settings.otlp_traces_endpoint, "the OTLP/HTTP traces path is usually /v1/traces")
     return True
 
 
@@ -230,10 +239,12 @@ def start_grpc_span(method: str, metadata: Iterable[tuple[str, str]]) -> "Span":
                         {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
 
 
-def end_grpc_span(span: "Span", code: Any) -> None:
+def end_grpc_span(span: "Span", code: Any, received: int, sent: int) -> None:
     """End a gRPC call's span with its status (a ``grpc.StatusCode``; grpc is not imported
-    here: the HTTP workers load this module too)."""
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    here: the HTTP workers load this module too) and the serialized bytes of the messages
+    it received and sent."""
+    span.set_attributes({"rpc.grpc.status_code": code.value[0], "kura.rpc.request.bytes": received,
+                         "kura.rpc.response.bytes": sent})
     if code.name in _GRPC_SERVER_ERRORS:
         from opentelemetry.trace import StatusCode
 
@@ -295,7 +306,36 @@ def end_bootstrap_pass(span: "Span | None", result: str, progress: "BootstrapPro
     span.end()
 
 
-# -- Flask apps without their own per-request hooks (the internal peer API) --------------
+# -- Flask apps ----------------------------------------------------------------------------
+# The span of the current Flask request lives in ``flask.g`` from the request's first hook
+# to its teardown. The public app calls these from its own hooks (app.http.instrumentation);
+# the internal peer API has them installed by :func:`instrument`.
+
+def begin_flask_request(route: str) -> None:
+    """Open the span of the current Flask request; ``route`` is its template."""
+    from flask import g, request
+
+    g.kura_span = start_http_span(request.method, route, request.path, request.headers,
+                                  request.content_length)
+
+
+def note_flask_response(response: Any) -> None:
+    """Record the answer of the current Flask request on its span, if it has one."""
+    from flask import g, request
+
+    span = g.get("kura_span")
+    if span is not None:
+        set_http_response(span, request.method, response.status_code, response.content_length)
+
+
+def end_flask_request(error: BaseException | None) -> None:
+    """End the span of the current Flask request, if it has one (its teardown)."""
+    from flask import g
+
+    span = g.pop("kura_span", None)
+    if span is not None:
+        end_span(span, error)
+
 
 def instrument(app: "Flask", untraced: Iterable[str] = ()) -> None:
     """Give every request of ``app`` but those of the ``untraced`` endpoints a span (route:
@@ -303,28 +343,19 @@ def instrument(app: "Flask", untraced: Iterable[str] = ()) -> None:
     after :func:`start`; off, ``app`` is left as it is."""
     if TRACER is None:
         return
-    from flask import g, request
+    from flask import request
 
     skipped = frozenset(untraced)
 
     def before() -> None:
-        if request.endpoint in skipped:
-            return
-        rule = request.url_rule
-        g.kura_span = start_http_span(request.method, rule.rule if rule is not None else "unmatched",
-                                      request.path, request.headers, request.content_length)
+        if request.endpoint not in skipped:
+            rule = request.url_rule
+            begin_flask_request(rule.rule if rule is not None else "unmatched")
 
     def after(response: Any) -> Any:
-        span = g.get("kura_span")
-        if span is not None:
-            set_http_response(span, request.method, response.status_code, response.content_length)
+        note_flask_response(response)
         return response
-
-    def teardown(exc: BaseException | None) -> None:
-        span = g.pop("kura_span", None)
-        if span is not None:
-            end_span(span, exc)
 
     app.before_request_funcs.setdefault(None, []).insert(0, before)
     app.after_request(after)
-    app.teardown_request(teardown)
+    app.teardown_request(end_flask_request)

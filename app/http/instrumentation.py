@@ -27,8 +27,7 @@ def _before() -> None:
     if request.endpoint in PROBE_ENDPOINTS:
         return
     if tracing.TRACER is not None:
-        g.kura_span = tracing.start_http_span(request.method, _route(), request.path, request.headers,
-                                              request.content_length)
+        tracing.begin_flask_request(_route())
     node = services()
     if node.node_state.draining:
         raise Draining()
@@ -59,17 +58,16 @@ def _after(response: Response) -> Response:
         metrics.HTTP_DURATION.labels(route).observe(elapsed)
         if g.get("kura_inflight"):  # public requests only (not probes): bandwidth pacing
             services().node_state.note_latency(elapsed)
-    if tracing.TRACER is not None and "kura_span" in g:
-        tracing.set_http_response(g.kura_span, request.method, response.status_code,
-                                  response.content_length)
+    if tracing.TRACER is not None:
+        tracing.note_flask_response(response)
     return response
 
 
 def _teardown(_exc: BaseException | None) -> None:
     if g.pop("kura_inflight", False):
         services().node_state.add_inflight(-1)
-    if tracing.TRACER is not None and "kura_span" in g:
-        tracing.end_span(g.pop("kura_span"), _exc)
+    if tracing.TRACER is not None:
+        tracing.end_flask_request(_exc)
 
 
 def install(app: Flask) -> None:

@@ -18,6 +18,7 @@ import requests
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
                                                                       ExportTraceServiceResponse)
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from app.settings import ConfigError, Settings
@@ -89,7 +90,7 @@ class OtlpReceiver:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def wait_for(self, predicate: Callable[[ExportedSpan], bool], what: str,
-                 timeout: float = 5.0) -> ExportedSpan:
+                 timeout: float = 15.0) -> ExportedSpan:
         """The first span ``predicate`` accepts, once it has arrived."""
         with self.arrived:
             found = self.arrived.wait_for(lambda: next(filter(predicate, self.spans), None), timeout)
@@ -133,13 +134,13 @@ def test_http_requests_and_grpc_calls_are_spans_parented_by_the_clients_tracepar
     assert requests.get(node.url + "/up", timeout=10).status_code == 200
     call, call_trace, call_parent = traceparent()
     client = Reapi.connect(int(node.env["KURA_GRPC_PORT"]))
+    find = re_pb2.FindMissingBlobsRequest(blob_digests=[digest_of(b"nope")])
     try:
-        missing = client.cas.FindMissingBlobs(
-            re_pb2.FindMissingBlobsRequest(blob_digests=[digest_of(b"nope")]),
-            metadata=[("traceparent", call)], timeout=10)
+        missing = client.cas.FindMissingBlobs(find, metadata=[("traceparent", call)], timeout=10)
         assert len(missing.missing_blob_digests) == 1
     finally:
         client.close()
+    roles = node.children()
     assert node.stop() == 0  # each process exports its queued spans on its way out
 
     route = "/api/cache/gradle/{cache_key}"
@@ -157,8 +158,10 @@ def test_http_requests_and_grpc_calls_are_spans_parented_by_the_clients_tracepar
     grpc_span = receiver.wait_for(named(f"{CAS}/FindMissingBlobs"), "for the gRPC call")
     assert (grpc_span.trace_id, grpc_span.parent_span_id) == (call_trace, call_parent)
     assert grpc_span.attributes == {"rpc.system": "grpc", "rpc.service": CAS, "rpc.method": "FindMissingBlobs",
-                                    "rpc.grpc.status_code": 0}
-    for span, process in ((put, "http"), (get, "http"), (grpc_span, "reapi")):
+                                    "rpc.grpc.status_code": 0, "kura.rpc.request.bytes": find.ByteSize(),
+                                    "kura.rpc.response.bytes": missing.ByteSize()}
+    for span, process, role in ((put, "http", "worker"), (get, "http", "worker"), (grpc_span, "reapi", "reapi")):
+        assert [span.resource["process.pid"]] == roles[role]
         assert span.resource["service.name"] == "kura-test-0"
         assert span.resource["deployment.environment"] == "ci"
         assert span.resource["deployment.environment.name"] == "ci"
@@ -167,6 +170,36 @@ def test_http_requests_and_grpc_calls_are_spans_parented_by_the_clients_tracepar
         assert span.resource["kura.process"] == process
     assert not [s for s in receiver.spans if s.name == "GET /up"]  # probes have no spans
     assert receiver.bad_requests == []
+
+
+def test_every_http_worker_exports_its_own_spans_and_every_process_flushes_at_exit(
+        node_factory, receiver: OtlpReceiver) -> None:
+    node = node_factory(KURA_HTTP_WORKERS="2", **tracing_env(receiver, "kura-workers"))
+    workers = node.children()["worker"]
+    assert len(workers) == 2
+    base = node.url + "/api/cache/gradle/{key}?tenant_id=" + TENANT
+    # The workers share one listening socket: with one of them stopped, the other accepts.
+    for paused, serving in ((workers[0], workers[1]), (workers[1], workers[0])):
+        os.kill(paused, signal.SIGSTOP)
+        try:
+            response = requests.put(base.format(key=f"by-{serving}"), data=b"x",
+                                    headers={"Connection": "close"}, timeout=10)
+        finally:
+            os.kill(paused, signal.SIGCONT)
+        assert response.status_code == 201
+    assert node.stop() == 0
+
+    for pid in workers:
+        span = receiver.wait_for(lambda s, pid=pid: s.attributes.get("url.path") == f"/api/cache/gradle/by-{pid}",
+                                 f"from worker {pid}")
+        assert (span.resource["kura.process"], span.resource["process.pid"]) == ("http", pid)
+    log = node.log()
+    # Each of the four processes (two workers, the REAPI process, the replicator) started its
+    # own tracer provider and, stopping, exported what it still held within the bound.
+    assert log.count("event=tracing_started process=http ") == 2
+    assert log.count("event=tracing_started process=reapi ") == 1
+    assert log.count("event=tracing_started process=replicator ") == 1
+    assert log.count("event=tracing_stopped flushed=true") == 4, log
 
 
 def test_an_outbox_delivery_is_a_span_that_the_peers_request_continues(
@@ -183,7 +216,7 @@ def test_an_outbox_delivery_is_a_span_that_the_peers_request_continues(
     assert (a.node.stop(), b.node.stop()) == (0, 0)  # both exported their queued spans
 
     delivery = receiver.wait_for(lambda s: named("kura.outbox.deliver", **{"kura.peer": b.advertised})(s)
-                                 and s.status != SpanProto.Status.STATUS_CODE_ERROR, "for the delivery to b")
+                                 and s.status != Status.STATUS_CODE_ERROR, "for the delivery to b")
     assert delivery.resource["service.name"] == "kura-a"
     assert delivery.resource["kura.process"] == "replicator"
     assert delivery.kind == SpanProto.SPAN_KIND_CLIENT
@@ -263,9 +296,9 @@ def test_a_node_without_the_endpoint_exports_nothing(node_factory, receiver: Otl
     assert receiver.spans == [] and "event=tracing_started" not in node.log()
 
 
-@pytest.mark.parametrize("endpoint", ["http://otel-collector:4317", "http://otel-collector:4317/",
-                                      "grpc://otel-collector:4317", "otel-collector:4318/v1/traces"])
-def test_an_endpoint_that_is_not_an_otlp_http_traces_url_stops_the_node_at_start(endpoint: str) -> None:
+@pytest.mark.parametrize("endpoint", ["grpc://otel-collector:4317", "otel-collector:4318/v1/traces",
+                                      "http://:4318/v1/traces", "http://otel-collector:traces/v1/traces"])
+def test_an_endpoint_that_is_not_an_http_url_stops_the_node_at_start(endpoint: str) -> None:
     with pytest.raises(ConfigError, match="KURA_OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         Settings.from_env({"KURA_OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint})
 
