@@ -5,9 +5,10 @@ Each process of a node (every HTTP worker, the REAPI process, the replicator) ca
 on its way out. With the endpoint set, ``start`` builds that process's tracer provider:
 spans go through a ``BatchSpanProcessor`` (a bounded queue: when the collector is slow or
 gone, spans are dropped, requests never wait) to the OTLP/HTTP exporter (protobuf,
-``EXPORT_TIMEOUT_S`` per export). The resource carries Kura's attributes (``service.name``,
-``service.namespace``, ``deployment.environment.name``, ``kura.region``, ``kura.tenant_id``,
-``service.instance.id``) plus ``kura.process``.
+``EXPORT_TIMEOUT_S`` per export) at the endpoint's URL as given, as Kura's exporter does.
+The resource carries Kura's attributes (``service.name``, ``service.namespace``,
+``service.version``, ``deployment.environment.name``, ``kura.region``, ``kura.tenant_id``,
+``service.instance.id``) plus ``kura.process`` and ``process.pid``.
 
 Off (the default), nothing of OpenTelemetry is even imported and :data:`TRACER` stays None:
 every hook on a request path tests that one global and does nothing else.

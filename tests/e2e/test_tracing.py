@@ -3,6 +3,7 @@ that decodes each export as the collector does (``ExportTraceServiceRequest``)."
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTrac
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
+from app import tracing
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from app.settings import ConfigError, Settings
 from tests.mesh import TENANT, gradle_path, make_mesh, start, wait_until
@@ -311,3 +313,20 @@ def test_tracing_settings_and_their_defaults() -> None:
                                   "KURA_OTEL_DEPLOYMENT_ENVIRONMENT": "staging"})
     assert (settings.otlp_traces_endpoint, settings.otel_service_name,
             settings.otel_deployment_environment) == ("https://c.example:4318/v1/traces", "cache-eu-0", "staging")
+
+
+def test_an_endpoint_without_a_path_is_used_as_is_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # As Kura: the URL is the exporter's, unchanged (no /v1/traces appended); the node starts.
+    settings = Settings.from_env({"KURA_OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9/",
+                                  "KURA_DATA_DIR": str(tmp_path)})
+    assert settings.otlp_traces_endpoint == "http://127.0.0.1:9/"
+    with caplog.at_level(logging.WARNING, logger="kura.tracing"):
+        try:
+            assert tracing.start(settings, "http")
+        finally:
+            tracing.shutdown(timeout_s=0.1)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "event=tracing_endpoint_without_path endpoint=http://127.0.0.1:9/ "
+        "hint=the OTLP/HTTP traces path is usually /v1/traces"]
+    assert tracing.TRACER is None
