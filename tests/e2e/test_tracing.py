@@ -23,12 +23,14 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from app import tracing
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from app.reapi.gen.google.bytestream import bytestream_pb2 as bs_pb2
 from app.settings import ConfigError, Settings
 from tests.mesh import TENANT, gradle_path, make_mesh, start, wait_until
 from tests.nodes import REPO
-from tests.reapi.reapi_client import Reapi, digest_of
+from tests.reapi.reapi_client import Reapi, digest_of, read_resource, upload_resource, write_requests
 
 CAS = "build.bazel.remote.execution.v2.ContentAddressableStorage"
+BYTESTREAM = "google.bytestream.ByteStream"
 
 
 @dataclass(frozen=True)
@@ -137,9 +139,15 @@ def test_http_requests_and_grpc_calls_are_spans_parented_by_the_clients_tracepar
     call, call_trace, call_parent = traceparent()
     client = Reapi.connect(int(node.env["KURA_GRPC_PORT"]))
     find = re_pb2.FindMissingBlobsRequest(blob_digests=[digest_of(b"nope")])
+    blob = os.urandom(3000)
+    writes = list(write_requests(blob, upload_resource(digest_of(blob)), chunk=1000))
+    read = bs_pb2.ReadRequest(resource_name=read_resource(digest_of(blob)))
     try:
         missing = client.cas.FindMissingBlobs(find, metadata=[("traceparent", call)], timeout=10)
         assert len(missing.missing_blob_digests) == 1
+        written = client.bytestream.Write(iter(writes), timeout=10)  # a stream in
+        chunks = list(client.bytestream.Read(read, timeout=10))  # a stream out
+        assert b"".join(c.data for c in chunks) == blob
     finally:
         client.close()
     roles = node.children()
@@ -162,6 +170,13 @@ def test_http_requests_and_grpc_calls_are_spans_parented_by_the_clients_tracepar
     assert grpc_span.attributes == {"rpc.system": "grpc", "rpc.service": CAS, "rpc.method": "FindMissingBlobs",
                                     "rpc.grpc.status_code": 0, "kura.rpc.request.bytes": find.ByteSize(),
                                     "kura.rpc.response.bytes": missing.ByteSize()}
+    # The serialized bytes each way, streams summed.
+    write_span = receiver.wait_for(named(f"{BYTESTREAM}/Write"), "for the streamed write")
+    assert write_span.attributes["kura.rpc.request.bytes"] == sum(w.ByteSize() for w in writes)
+    assert write_span.attributes["kura.rpc.response.bytes"] == written.ByteSize()
+    read_span = receiver.wait_for(named(f"{BYTESTREAM}/Read"), "for the streamed read")
+    assert read_span.attributes["kura.rpc.request.bytes"] == read.ByteSize()
+    assert read_span.attributes["kura.rpc.response.bytes"] == sum(c.ByteSize() for c in chunks) > len(blob)
     for span, process, role in ((put, "http", "worker"), (get, "http", "worker"), (grpc_span, "reapi", "reapi")):
         assert [span.resource["process.pid"]] == roles[role]
         assert span.resource["service.name"] == "kura-test-0"
