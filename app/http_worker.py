@@ -37,11 +37,13 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.http.errors import ConfigurationProblem
 from gunicorn.workers.ggevent import GeventWorker
 
+from app import tracing
 from app.http_connections import Admission, HeadWait
 from app.stop_signals import STOP_SIGNALS, held, ignore, release
 
 # The master imports this module to load the worker class: nothing here may import
-# prometheus_client (multiprocess files) or the app before the fork.
+# prometheus_client (multiprocess files) or the app before the fork (app.tracing imports
+# nothing of OpenTelemetry until a worker starts tracing).
 _serving_paths: Any = None
 ANALYTICS_FLUSH_S = 2.0
 
@@ -190,6 +192,7 @@ class KuraGeventWorker(GeventWorker):
 
         services = self.wsgi.extensions["kura"]
         settings = services.settings
+        tracing.start(settings, "http")  # this worker's own tracer provider (off by default)
         self._analytics = services.analytics
         if self._analytics is not None:
             self._analytics.start()  # this worker owns its analytics sender
@@ -205,6 +208,7 @@ class KuraGeventWorker(GeventWorker):
             analytics = getattr(self, "_analytics", None)
             if analytics is not None:
                 analytics.stop(timeout_s=ANALYTICS_FLUSH_S)  # best effort: what is queued
+            tracing.shutdown()  # exports the spans still queued (bounded)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
         conn = self._admission.current()

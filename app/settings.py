@@ -11,6 +11,7 @@ import shutil
 import socket
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -106,6 +107,11 @@ class Settings:
     analytics_request_timeout_ms: int = 5000
     analytics_circuit_breaker_failure_threshold: int = 5
     analytics_circuit_breaker_open_ms: int = 30_000
+    # Traces (app.tracing): off unless the OTLP/HTTP endpoint is set. Kura requires the
+    # other two; here they have defaults, so that a node with no environment at all starts.
+    otlp_traces_endpoint: str = ""
+    otel_service_name: str = "kura"
+    otel_deployment_environment: str = "production"
     # Every KURA_* variable: the per-id extension settings (signers, JWT verifiers, HTTP
     # clients) are parsed from it, and hook scripts read it with kura.env (tuist.lua reads
     # KURA_CONTROL_PLANE_* names, for example).
@@ -201,6 +207,9 @@ class Settings:
             "KURA_ANALYTICS_CIRCUIT_BREAKER_FAILURE_THRESHOLD": (
                 "analytics_circuit_breaker_failure_threshold", _positive),
             "KURA_ANALYTICS_CIRCUIT_BREAKER_OPEN_MS": ("analytics_circuit_breaker_open_ms", _positive),
+            "KURA_OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ("otlp_traces_endpoint", _parse_otlp_endpoint),
+            "KURA_OTEL_SERVICE_NAME": ("otel_service_name", _parse_str),
+            "KURA_OTEL_DEPLOYMENT_ENVIRONMENT": ("otel_deployment_environment", _parse_str),
             "KURA_HTTP_WORKERS": ("http_workers", _parse_int),
             "KURA_WORKER_CONNECTIONS": ("worker_connections", _positive),
             "KURA_HTTP_HEADER_TIMEOUT_MS": ("http_header_timeout_ms", _positive),
@@ -280,6 +289,22 @@ def _parse_node_url(name: str, raw: str) -> str:
     value = raw.strip().rstrip("/")
     if value and not (value.startswith("http://") or value.startswith("https://")):
         raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+    return value
+
+
+def _parse_otlp_endpoint(name: str, raw: str) -> str:
+    """The OTLP/HTTP traces URL, used as is (``http://otel-collector:4318/v1/traces``), as
+    Kura's exporter uses it. Anything but an http(s) URL with a host is refused: spans are
+    exported over HTTP only, so ``grpc://...`` or a bare ``host:port`` could never work."""
+    value = raw.strip()
+    parts = urlsplit(value)
+    try:
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number in range
+        usable = False
+    if not usable:
+        raise ConfigError(f"{name} must be an http(s) OTLP/HTTP traces URL such as "
+                          f"http://otel-collector:4318/v1/traces, got {raw!r}")
     return value
 
 

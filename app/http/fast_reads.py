@@ -8,15 +8,17 @@ small body in one send; large bodies with the cooperative ``os.sendfile``), skip
 Flask, Werkzeug and gunicorn's response object. Anything else — hooks enabled, a draining
 node, a miss, a target that does not parse, a request with a body, another route —
 returns False and the request goes to the normal blueprint untouched, so every error and
-edge case keeps exactly one definition: the blueprint's.
+edge case keeps exactly one definition: the blueprint's. An answer given here has its
+trace span like any other (``app.tracing``), which covers the whole send.
 """
 from __future__ import annotations
 
+import sys
 import time
 from email.utils import formatdate
 from typing import Any, Callable
 
-from app import metrics
+from app import metrics, tracing
 from app.errors import KuraError
 from app.http.bodies import SMALL_BODY
 from app.http.routes import RouteSpec, fast_path_specs
@@ -83,6 +85,8 @@ class FastReads:
         producer = located.manifest.producer
         body_size = located.size if req.method == "GET" else 0
         metrics.artifact_read(producer, metrics.OK, body_size)
+        span = None if tracing.TRACER is None else tracing.start_http_span(
+            req.method, spec.template, path, tracing.carrier(req.headers), None)
         self._node_state.add_inflight(1)
         try:
             self._respond(req, sock, spec, located, keep_alive)
@@ -94,6 +98,9 @@ class FastReads:
             raise
         finally:
             self._node_state.add_inflight(-1)
+            if span is not None:
+                tracing.set_http_response(span, req.method, 200, located.size)
+                tracing.end_span(span, sys.exc_info()[1])
         if body_size:
             metrics.artifact_egress(producer, metrics.OK, body_size)
         elapsed = time.perf_counter() - started

@@ -1,12 +1,12 @@
 """Per-request bookkeeping shared by every route: draining, in-flight count, the target,
-the hooks and the metrics."""
+the hooks, the metrics and the trace span (``app.tracing``; probes have none)."""
 from __future__ import annotations
 
 import time
 
 from flask import Flask, Response, g, request
 
-from app import metrics
+from app import metrics, tracing
 from app.errors import Draining
 from app.http import hooks, routes
 from app.http.probes import PROBE_ENDPOINTS
@@ -26,6 +26,8 @@ def _before() -> None:
     g.kura_started = time.perf_counter()
     if request.endpoint in PROBE_ENDPOINTS:
         return
+    if tracing.TRACER is not None:
+        tracing.begin_flask_request(_route())
     node = services()
     if node.node_state.draining:
         raise Draining()
@@ -56,12 +58,16 @@ def _after(response: Response) -> Response:
     metrics.record_http(route, response.status_code, elapsed)
     if elapsed is not None:
         services().node_state.note_latency(elapsed)
+    if tracing.TRACER is not None:
+        tracing.note_flask_response(response)
     return response
 
 
 def _teardown(_exc: BaseException | None) -> None:
     if g.pop("kura_inflight", False):
         services().node_state.add_inflight(-1)
+    if tracing.TRACER is not None:
+        tracing.end_flask_request(_exc)
 
 
 def install(app: Flask) -> None:

@@ -8,6 +8,9 @@ code into ``GRPC_REQUESTS``, and any exception is turned into a status with
 ``app.reapi.errors.status_for`` (the one mapping). The tenant named in the
 call's metadata is validated here for every call (``app.reapi.tenancy``), and
 while the node drains new calls are refused with UNAVAILABLE (probes excepted).
+Each call but the probes has its trace span (``app.tracing``), parented by a
+``traceparent`` in its metadata, with the serialized size of the messages it received
+and sent (counted only while the call is traced).
 
 Request messages are decoded here too: grpcio answers INTERNAL "Exception
 deserializing request!" before any interceptor runs when a handler's deserializer
@@ -22,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import grpc
+from google.protobuf.message import Message
 
-from app import metrics
+from app import metrics, tracing
 from app.errors import Draining, TruncatedBody
 from app.node_state import NodeState
 from app.reapi.errors import UndecodableRequest, status_for
@@ -51,6 +55,10 @@ def _settle(context: grpc.ServicerContext) -> None:
 class _Call:
     """Bookkeeping for one RPC from its first byte to its status."""
 
+    span: Any = None  # its trace span, while tracing is on
+    received = 0  # serialized bytes of the request messages (counted while traced)
+    sent = 0  # serialized bytes of the response messages (counted while traced)
+
     def __init__(self, observer: "RpcObserver", method: str) -> None:
         self.observer = observer
         self.method = method
@@ -61,9 +69,38 @@ class _Call:
 
     def admit(self, context: grpc.ServicerContext) -> None:
         """Refuse new work while the node drains; validate the call's tenant metadata."""
+        if tracing.TRACER is not None and not self.probe:
+            self.span = tracing.start_grpc_span(self.method, context.invocation_metadata())
         if not self.probe and self.observer.node_state.draining:
             raise Draining()
         requested_tenant(context.invocation_metadata())
+
+    def counted_in(self, request: Any) -> Any:
+        """The handler's request (one message, or a stream of them), counted if traced."""
+        if self.span is None:
+            return request
+        if isinstance(request, Message):
+            self.received += request.ByteSize()
+            return request
+        return self._counted(request, inbound=True)
+
+    def counted_out(self, response: Any) -> Any:
+        """A unary handler's response message, counted if traced."""
+        if self.span is not None and isinstance(response, Message):
+            self.sent += response.ByteSize()
+        return response
+
+    def counted_stream_out(self, responses: Iterable[Any]) -> Iterable[Any]:
+        """A streaming handler's response messages, counted if traced."""
+        return responses if self.span is None else self._counted(responses, inbound=False)
+
+    def _counted(self, messages: Iterable[Any], inbound: bool) -> Iterator[Any]:
+        for message in messages:
+            if inbound:
+                self.received += message.ByteSize()
+            else:
+                self.sent += message.ByteSize()
+            yield message
 
     def fail(self, exc: BaseException, context: grpc.ServicerContext) -> None:
         """Record the status for ``exc`` and abort the call with it (raises)."""
@@ -95,6 +132,8 @@ class _Call:
         metrics.GRPC_DURATION.labels(self.method).observe(elapsed)
         if not self.probe:  # public calls only: bandwidth pacing (app.replication.pacing)
             self.observer.node_state.note_latency(elapsed)
+        if self.span is not None:
+            tracing.end_grpc_span(self.span, code, self.received, self.sent)
         # Last: a drain (or a test) that sees zero in flight also sees this call's metrics.
         self.observer.node_state.add_inflight(-1)
 
@@ -162,7 +201,7 @@ class RpcObserver(grpc.ServerInterceptor):
             call = _Call(self, method)
             try:
                 call.admit(context)
-                response = behavior(decoded(request), context)
+                response = call.counted_out(behavior(call.counted_in(decoded(request)), context))
             except Exception as exc:  # noqa: BLE001 - every failure gets a status here
                 call.fail(exc, context)
                 raise  # unreachable: fail() aborts
@@ -179,7 +218,7 @@ class RpcObserver(grpc.ServerInterceptor):
             call = _Call(self, method)
             try:
                 call.admit(context)
-                yield from behavior(decoded(request), context)
+                yield from call.counted_stream_out(behavior(call.counted_in(decoded(request)), context))
             except GeneratorExit:
                 call.finish(grpc.StatusCode.CANCELLED)
                 raise

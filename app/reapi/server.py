@@ -29,6 +29,7 @@ from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from app.reapi.gen.google.bytestream import bytestream_pb2 as bs_pb2
 from app.reapi.gen.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from app import tracing
 from app.extensions import Extensions
 from app.extensions.grpc_interceptor import ExtensionsInterceptor
 from app.reapi.observer import RpcObserver
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("event=reapi_config_error message=%r", str(exc))
         return 1
     logging.getLogger().setLevel(settings.log_level.upper())
+    tracing.start(settings, "reapi")
 
     node_state = NodeState(state_path(settings.resolved_run_dir))
     node_state.claim_slot(KIND_REAPI)
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error("event=reapi_bind_failed port=%d message=%r", settings.grpc_port, str(exc))
         store.close()
+        tracing.shutdown()
         return 1
 
     log.info("event=reapi_listening port=%d host=%s pid=%d workers=%d data_dir=%s",
@@ -165,5 +168,6 @@ def main(argv: list[str] | None = None) -> int:
              stop.signal_name, grace_s, node_state.inflight(KIND_REAPI))
     running.stop(grace_s)
     node_state.release_pid(os.getpid())
+    tracing.shutdown()  # exports the spans still queued (bounded)
     log.info("event=reapi_stopped")
     return 0

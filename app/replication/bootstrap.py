@@ -19,7 +19,8 @@ completes, a stalled one fails. A pass is abandoned after ``KURA_BOOTSTRAP_TIMEO
 without progress. A pass with any failure is retried (2 s × 2^(n−1), capped at 60 s);
 the peer counts as bootstrapped only after a clean pass. Progress is visible in
 ``/ready`` and ``/status/rollout`` (``bootstrap_progress``), in an INFO line every 30 s
-and in the ``kura_bootstrap_*`` metrics.
+and in the ``kura_bootstrap_*`` metrics; each pass is a trace span (``app.tracing``) with
+its counts, and the pass's requests to the peer carry it.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from typing import Any, Callable
 import gevent
 from gevent.pool import Pool
 
-from app import metrics
+from app import metrics, tracing
 from app.errors import BudgetExhausted, KuraError
 from app.replication.drain import backoff_delay
 from app.replication.pacing import UNPACED, Pacer
@@ -160,7 +161,8 @@ class Bootstrapper:
         progress = BootstrapProgress(attempt=peer.progress.attempt + 1, started_at=started,
                                      last_progress_at=started)
         peer.progress = progress
-        worker = gevent.spawn(self.run_pass, peer, progress)
+        span = tracing.begin_bootstrap_pass(peer.node_url, progress.attempt)
+        worker = gevent.spawn(tracing.carry(self.run_pass, span), peer, progress)
         result = "error"
         try:
             while not worker.ready():
@@ -180,6 +182,7 @@ class Bootstrapper:
             metrics.BOOTSTRAP_DURATION.observe(elapsed)
             peer.inflight = False
             progress.finished_at = time.monotonic()
+            tracing.end_bootstrap_pass(span, result, progress)
             self._passes.pop(peer.node_url, None)
             if result == "ok":
                 peer.failures = 0
@@ -247,7 +250,7 @@ class Bootstrapper:
             pending_bytes[0] = 0
             if batch:
                 fetchers.wait_available()
-                fetchers.spawn(self._fetch, url, batch, progress)
+                fetchers.spawn(tracing.carry(self._fetch), url, batch, progress)
 
         def gather(wanted: list[tuple[str, ReplicatedArtifact]]) -> None:
             for pair in wanted:
@@ -273,7 +276,7 @@ class Bootstrapper:
 
         listers = Pool(LISTERS)
         try:
-            for greenlet in [listers.spawn(list_prefix, prefix) for prefix in prefixes]:
+            for greenlet in [listers.spawn(tracing.carry(list_prefix), prefix) for prefix in prefixes]:
                 greenlet.get()  # re-raises a listing failure: the pass fails
             flush()
             fetchers.join()

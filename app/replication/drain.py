@@ -11,7 +11,8 @@ harmless: the receiver applies last-writer-wins).
 
 Rows of peers that left the membership are dropped once initial discovery is done
 (a peer that comes back bootstraps what it missed). Public writes never wait for any
-of this: they only add rows.
+of this: they only add rows. Each batch (and each namespace delete) sent is a trace span
+(``app.tracing``) that the peer's request carries as its parent.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Callable
 import gevent
 from gevent.pool import Pool
 
-from app import metrics
+from app import metrics, tracing
 from app.errors import KuraError
 from app.replication.frames import BodyStream
 from app.replication.pacing import UNPACED, Pacer
@@ -176,7 +177,8 @@ class OutboxDrainer:
             op = message.get("op")
             if op == "delete_ns":
                 try:
-                    self.client.delete_namespace(peer, message["ns"], int(message["v"]))
+                    with tracing.outbox_namespace_delete(peer):
+                        self.client.delete_namespace(peer, message["ns"], int(message["v"]))
                     delivered.append(key)
                 except PeerError as exc:
                     errors.append(str(exc))
@@ -198,7 +200,8 @@ class OutboxDrainer:
             try:
                 stream = BodyStream(self.store, list(batch), pace=self.pacer.acquire)
                 try:
-                    self.client.send_batch(peer, stream.frames(), stream.length)
+                    with tracing.outbox_delivery(peer, len(batch), stream.length):
+                        self.client.send_batch(peer, stream.frames(), stream.length)
                 finally:
                     stream.close()
             except PeerError as exc:

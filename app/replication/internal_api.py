@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
 
-from app import metrics
+from app import metrics, tracing
 from app.errors import BadRequest, NotFound, TruncatedBody
 from app.http.errors import register_error_handlers
 from app.replication.frames import FRAMES_CONTENT_TYPE, BodyStream
@@ -80,6 +80,7 @@ def create_internal_app(settings: Settings, store: ArtifactStore,
     read_body = pacer.reader(_read_input)
     app = Flask("kura-internal", static_folder=None)
     app.url_map.merge_slashes = False
+    tracing.instrument(app, untraced=("status",))  # membership probes every 2 s: no spans
 
     @app.get("/_internal/status")
     def status() -> Response:

@@ -5,7 +5,8 @@ Every call has a connect timeout and an IDLE read timeout (no byte for
 progressing transfer completes and a stalled one fails. Connections are kept alive
 per peer. Runs in the replicator process (gevent-patched, so calls yield).
 Failures of any kind (refused, reset, timeout, non-2xx) raise ``PeerError``; every
-call is counted in ``kura_replication_requests_total{operation,result}``.
+call is counted in ``kura_replication_requests_total{operation,result}``. A request made
+within a trace span carries its W3C ``traceparent`` (``app.tracing``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from app import metrics
+from app import metrics, tracing
 from app.replication.frames import FRAMES_CONTENT_TYPE
 from app.replication.peer_tls import PeerTls
 
@@ -141,6 +142,8 @@ class PeerClient:
     def _request(self, method: str, peer: str, operation: str, path: str, *,
                  timeout: float | tuple[float, float] | None = None, server_name: str | None = None,
                  **kwargs: Any) -> requests.Response:
+        if tracing.TRACER is not None:
+            kwargs["headers"] = tracing.inject(kwargs.get("headers"))
         response = self._session(server_name).request(
             method, peer + path, timeout=timeout or (self.connect_timeout_s, self.idle_timeout_s),
             **kwargs)

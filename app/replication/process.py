@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from app import stop_signals
+from app import stop_signals, tracing
 from app.node_state import KIND_REPLICATOR, NodeState, state_path
 from app.settings import Settings
 
@@ -40,6 +40,7 @@ def main() -> None:
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    tracing.start(settings, "replicator")  # after the monkey patching: its exporter is a greenlet
     node_state = NodeState(state_path(settings.resolved_run_dir))
     node_state.claim_slot(KIND_REPLICATOR)
     offload = cooperative_offload()
@@ -90,4 +91,5 @@ def main() -> None:
         tls.stop_watching()
     housekeeper.stop()
     store.close()
+    tracing.shutdown()  # exports the spans still queued (bounded)
     log.info("event=replicator_stopped")

@@ -37,9 +37,6 @@ NOT_FROM_THE_CHART = {
 }
 # Settings Kura's chart takes only through extraEnv/extraEnvFrom (a signing key is a secret).
 PASSED_THROUGH_PREFIXES = ("KURA_ANALYTICS_",)
-# Rendered from config.telemetry.* as Kura's chart does; read by the node's tracing (issue 12).
-TRACING_SETTINGS = {"KURA_OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "KURA_OTEL_SERVICE_NAME",
-                    "KURA_OTEL_DEPLOYMENT_ENVIRONMENT"}
 
 # Every optional feature on, every config.* setting away from its default.
 EVERYTHING: dict[str, Any] = {
@@ -314,7 +311,7 @@ def test_every_node_setting_has_a_chart_value(tmp_path: Path) -> None:
     wanted = {name for name in node_setting_names() - set(NOT_FROM_THE_CHART)
               if not name.startswith(PASSED_THROUGH_PREFIXES)}
     assert not wanted - rendered, f"node settings the chart cannot set: {sorted(wanted - rendered)}"
-    unknown = rendered - node_setting_names() - TRACING_SETTINGS
+    unknown = rendered - node_setting_names()
     assert not unknown, f"the chart sets variables the node does not read: {sorted(unknown)}"
     # Each value arrives as the node parses it.
     settings = node_settings(pod_env(sts, 1), tmp_path)
@@ -334,11 +331,9 @@ def test_every_node_setting_has_a_chart_value(tmp_path: Path) -> None:
     assert settings.extension_hook_timeout_ms == 50 and settings.extensions_active
     assert settings.internal_tls
     assert config["extraSeedPeers"][0] in settings.peers
-    env = pod_env(sts, 1)
-    assert env["KURA_OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://otel-collector:4318/v1/traces"
-    assert env["KURA_OTEL_SERVICE_NAME"] == f"{RELEASE}-1"
-    assert env["KURA_OTEL_DEPLOYMENT_ENVIRONMENT"] == "staging"
-    assert "KURA_OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" not in pod_env(statefulset(), 0)  # off by default
+    assert settings.otlp_traces_endpoint == "http://otel-collector:4318/v1/traces"
+    assert (settings.otel_service_name, settings.otel_deployment_environment) == (f"{RELEASE}-1", "staging")
+    assert Settings.from_env(pod_env(statefulset(), 0)).otlp_traces_endpoint == ""  # off by default
 
 
 # --------------------------------------------------------------------------- a Kura values file, unchanged
