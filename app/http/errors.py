@@ -6,7 +6,8 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from app.errors import Draining, KuraError
+from app.errors import Draining, KuraError, RangeNotSatisfiable
+from app.http.ranges import unsatisfied_content_range
 
 log = logging.getLogger("kura.http")
 
@@ -35,6 +36,8 @@ def _kura_error(exc: KuraError) -> Response:
         headers["Retry-After"] = str(retry_after)
     if isinstance(exc, Draining):
         headers["Connection"] = "close"
+    if isinstance(exc, RangeNotSatisfiable):
+        headers["Content-Range"] = unsatisfied_content_range(exc.size)
     return json_error(exc.http_status, exc.message, headers)
 
 

@@ -6,7 +6,7 @@ import re
 
 from app.errors import BadRequest
 
-PRODUCERS = ("xcode", "gradle", "module", "reapi", "nx", "metro")
+PRODUCERS = ("xcode", "gradle", "module", "reapi", "nx", "metro", "bazel")
 MAX_KEY_BYTES = 1024
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
