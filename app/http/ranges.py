@@ -50,7 +50,7 @@ def unsatisfied_content_range(size: int) -> str:
 
 
 def _position(digits: str) -> int:
-    value = decimal_value(digits, _FAR)
+    value = decimal_value(digits.lstrip("0") or "0", _FAR)
     return _FAR if value is None else value
 
 
