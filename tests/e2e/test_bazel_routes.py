@@ -71,12 +71,25 @@ def test_the_empty_blob(bazel_node: MeshNode) -> None:
     ("/cas/abc", "Invalid sha256: expected 64 hex characters"),
     (f"/cas/{'g' * 64}", "Invalid sha256: expected 64 hex characters"),
     (f"/ac/{'a' * 65}", "Invalid sha256: expected 64 hex characters"),
-    (f"/a%2Fb/cas/{'a' * 64}", "Invalid namespace_id: slashes are not allowed"),
     (f"/%2E%2E/ac/{'a' * 64}", "Invalid namespace_id: path traversal is not allowed"),
 ])
 def test_bad_names_are_400(bazel_node: MeshNode, path: str, message: str) -> None:
     for r in (bazel_node.get(path), bazel_node.put(path, b"x")):
         assert r.status_code == 400 and r.json() == {"message": message}, path
+
+
+def test_an_encoded_slash_in_the_prefix_is_a_path_of_another_shape(bazel_node: MeshNode) -> None:
+    for r in (bazel_node.get(f"/a%2Fb/cas/{'a' * 64}"), bazel_node.put(f"/a%2Fb/cas/{'a' * 64}", b"x")):
+        assert r.status_code == 404 and r.json() == {"message": "Not found"}
+
+
+def test_the_prefixed_routes_do_not_shadow_other_routes(bazel_node: MeshNode) -> None:
+    r = bazel_node.put("/api/cache/cas/c1?tenant_id=default", b"x")
+    assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD, POST"
+    assert bazel_node.put("/nx/cas/v1/cache/h", b"nx").status_code == 200  # Nx namespace "cas"
+    assert bazel_node.get("/nx/cas/v1/cache/h").content == b"nx"
+    assert bazel_node.put("/gradle/default/ac/k", b"g").status_code == 201  # Gradle namespace "ac"
+    assert bazel_node.get("/api/cache/gradle/k?tenant_id=default&namespace_id=ac").content == b"g"
 
 
 def test_upper_case_digest_names_the_same_entry(bazel_node: MeshNode) -> None:
