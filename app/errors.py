@@ -67,3 +67,13 @@ class Forbidden(KuraError):
 
 class Unauthenticated(KuraError):
     http_status = 401
+
+
+class RangeNotSatisfiable(KuraError):
+    """A Range read that starts at or past the end of the body (HTTP 416)."""
+
+    http_status = 416
+
+    def __init__(self, size: int) -> None:
+        super().__init__("Range not satisfiable")
+        self.size = size

@@ -38,9 +38,10 @@ def create_app(settings: Settings | None = None, *, store: ArtifactStore | None 
     errors.register_error_handlers(app)
     instrumentation.install(app)
 
-    from app.http import (gradle, keyvalue, metro, module_cache, namespaces, nx, probes, turbo,
-                          xcode_cas)
-    for module in (probes, xcode_cas, keyvalue, module_cache, gradle, nx, metro, turbo, namespaces):
+    from app.http import (bazel, gradle, keyvalue, metro, module_cache, namespaces, nx, probes,
+                          turbo, xcode_cas)
+    for module in (probes, xcode_cas, keyvalue, module_cache, gradle, nx, metro, turbo, bazel,
+                   namespaces):
         app.register_blueprint(module.bp)
     node_metrics.install(app, store, node_state)
     return app

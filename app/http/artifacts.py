@@ -17,12 +17,10 @@ def serve_artifact(producer: str, namespace_id: str, key: str,
     if located is None:
         metrics.artifact_read(producer, metrics.NOT_FOUND)
         raise NotFound(not_found)
+    response = artifact_response(located, content_type)  # counts the read (the range's bytes)
     if request.method == "GET":
-        metrics.artifact_read(producer, metrics.OK, located.size)
         _report("download", producer, namespace_id, key, located.size)
-    else:
-        metrics.artifact_read(producer, metrics.OK)
-    return artifact_response(located, content_type)
+    return response
 
 
 def _report(action: str, producer: str, namespace_id: str, key: str, size: int) -> None:

@@ -14,7 +14,8 @@ bounded before decoding (:data:`MAX_JSON_DEPTH`), and any number or string Pytho
 hold as a value (integers past its digit limit, lone surrogates, NaN) refused as 400.
 
 Downloads: inline bodies come from LMDB; segment bodies are handed to the server
-as a file positioned at the artifact's offset with an exact Content-Length, so
+as a file positioned at the artifact's offset (plus the start of a requested range,
+``app.http.ranges``) with an exact Content-Length, so
 the gunicorn worker sends them with a cooperative ``os.sendfile``
 (see ``app.http_worker``). What actually left is counted once the server is done
 with the response (:func:`record_egress`).
@@ -22,6 +23,7 @@ with the response (:func:`record_egress`).
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, BinaryIO, Iterator
 
 from flask import Response, request
@@ -29,6 +31,7 @@ from gunicorn.http.errors import ParseException
 
 from app import metrics
 from app.errors import BadRequest, TooLarge, TruncatedBody
+from app.http import ranges
 from app.http.services import store
 from app.storage.staging import StagedBody
 from app.storage.store import Located
@@ -181,27 +184,37 @@ def _bounded_reader(fh: BinaryIO, length: int) -> Iterator[bytes]:
         fh.close()
 
 
-def artifact_response(located: Located, content_type: str | None = None,
-                      status: int = 200) -> Response:
+def artifact_response(located: Located, content_type: str | None = None) -> Response:
+    """A hit: the whole body (200) or the one range the request asks for (206, see
+    ``app.http.ranges``); ``RangeNotSatisfiable`` (416) for a range past its end."""
     manifest = located.manifest
     mimetype = content_type or manifest.content_type or "application/octet-stream"
     producer = manifest.producer
-    headers = manifest.headers  # kept from the upload (Manifest.headers)
+    byte_range = ranges.select(request.method, request.headers.get("Range"),
+                               request.headers.get("If-Range"), manifest.size)
+    start, length = (0, manifest.size) if byte_range is None else (byte_range.start, byte_range.length)
+    status = ranges.status(byte_range)
+    # Kept from the upload (Manifest.headers), then the range's own.
+    headers = [*manifest.headers, *ranges.response_headers(byte_range)]
     if request.method == "HEAD":
+        metrics.artifact_read(producer, metrics.OK)
         response = Response(b"", status=status, content_type=mimetype, headers=headers)
-        response.headers["Content-Length"] = str(manifest.size)
+        response.headers["Content-Length"] = str(length)
         return response
-    request.environ[EGRESS] = (producer, manifest.size)
+    metrics.artifact_read(producer, metrics.OK, length)
+    request.environ[EGRESS] = (producer, length)
     if located.inline_body is not None:
         metrics.SERVING_PATHS.labels("inline").inc()
-        return Response(located.inline_body, status=status, content_type=mimetype, headers=headers)
-    if manifest.size <= SMALL_BODY:
+        return Response(located.inline_body[start:start + length], status=status,
+                        content_type=mimetype, headers=headers)
+    if length <= SMALL_BODY:
         # One pread beats a sendfile set-up for small bodies, and lets headers and body
         # leave in one write.
         metrics.SERVING_PATHS.labels("pread").inc()
-        return Response(store().read_bytes(located), status=status, content_type=mimetype,
-                        headers=headers)
+        return Response(store().read_bytes(located, start, length), status=status,
+                        content_type=mimetype, headers=headers)
     fh = store().open_body(located)
+    fh.seek(start, os.SEEK_CUR)
     wrapper = request.environ.get("wsgi.file_wrapper")
     if "gunicorn.socket" in request.environ and wrapper is not None:
         # gunicorn's worker sends this with os.sendfile from the current offset,
@@ -209,9 +222,8 @@ def artifact_response(located: Located, content_type: str | None = None,
         body = wrapper(fh, CHUNK)
     else:
         metrics.SERVING_PATHS.labels("copy").inc()
-        body = _bounded_reader(fh, manifest.size)
-    response = Response(body, status=status, content_type=mimetype, direct_passthrough=True,
-                        headers=headers)
-    response.headers["Content-Length"] = str(manifest.size)
+        body = _bounded_reader(fh, length)
+    response = Response(body, status=status, content_type=mimetype, headers=headers,
+                        direct_passthrough=True)
+    response.headers["Content-Length"] = str(length)
     return response
-

@@ -12,7 +12,8 @@ from typing import Any, Callable
 from flask import Blueprint, Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from app.errors import Draining, KuraError
+from app.errors import Draining, KuraError, RangeNotSatisfiable
+from app.http.ranges import unsatisfied_content_range
 
 log = logging.getLogger("kura.http")
 
@@ -49,6 +50,8 @@ def _kura_error(exc: KuraError, document: ErrorDocument = message_document) -> R
         headers["Retry-After"] = str(retry_after)
     if isinstance(exc, Draining):
         headers["Connection"] = "close"
+    if isinstance(exc, RangeNotSatisfiable):
+        headers["Content-Range"] = unsatisfied_content_range(exc.size)
     return json_error(exc.http_status, exc.message, headers, document)
 
 

@@ -4,7 +4,8 @@ The HTTP worker offers every GET/HEAD to ``FastReads.serve`` right after gunicor
 parsed it. For the plain downloads (``app.http.routes.download``) it reads the target
 with the very parser the blueprint uses (``RouteSpec.parse_target`` on gunicorn's raw
 path and query), looks the artifact up and writes the whole answer itself (headers and a
-small body in one send; large bodies with the cooperative ``os.sendfile``), skipping
+small body in one send; large bodies with the cooperative ``os.sendfile``; a Range read
+from the range's offset, ``app.http.ranges``), skipping
 Flask, Werkzeug and gunicorn's response object. Anything else — hooks enabled, a draining
 node, a miss, a target that does not parse, a request with a body, another route —
 returns False and the request goes to the normal blueprint untouched, so every error and
@@ -16,10 +17,12 @@ from __future__ import annotations
 import sys
 import time
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any, Callable
 
 from app import metrics, tracing
 from app.errors import KuraError
+from app.http import ranges
 from app.http.bodies import SMALL_BODY
 from app.http.routes import RouteSpec, fast_path_specs
 from app.http.services import NodeServices
@@ -82,14 +85,21 @@ class FastReads:
         located = self._store.lookup(spec.producer or "", target.namespace_id, target.key or "")
         if located is None:
             return False  # the blueprint answers the miss (404 body, metrics)
+        try:
+            byte_range = ranges.select(req.method, _header(req, "RANGE"), _header(req, "IF-RANGE"),
+                                       located.size)
+        except KuraError:
+            return False  # the blueprint answers 416
+        status = ranges.status(byte_range)
         producer = located.manifest.producer
-        body_size = located.size if req.method == "GET" else 0
+        body_size = 0 if req.method != "GET" else (
+            located.size if byte_range is None else byte_range.length)
         metrics.artifact_read(producer, metrics.OK, body_size)
         span = None if tracing.TRACER is None else tracing.start_http_span(
             req.method, spec.template, path, tracing.carrier(req.headers), None)
         self._node_state.add_inflight(1)
         try:
-            self._respond(req, sock, spec, located, keep_alive)
+            self._respond(req, sock, spec, located, byte_range, keep_alive)
         except BaseException:
             if body_size:
                 # The client went away (or the segment failed) mid-answer; how much of the
@@ -99,12 +109,12 @@ class FastReads:
         finally:
             self._node_state.add_inflight(-1)
             if span is not None:
-                tracing.set_http_response(span, req.method, 200, located.size)
+                tracing.set_http_response(span, req.method, status, body_size)
                 tracing.end_span(span, sys.exc_info()[1])
         if body_size:
             metrics.artifact_egress(producer, metrics.OK, body_size)
         elapsed = time.perf_counter() - started
-        metrics.record_http(spec.template, 200, elapsed)
+        metrics.record_http(spec.template, status, elapsed)
         self._node_state.note_latency(elapsed)  # bandwidth pacing (app.replication.pacing)
         analytics = self._services.analytics
         if analytics is not None and req.method == "GET":
@@ -114,27 +124,37 @@ class FastReads:
             raise StopIteration()  # gunicorn's way of ending the connection after this answer
         return True
 
-    def _respond(self, req: Any, sock: Any, spec: RouteSpec, located: Located, keep_alive: bool) -> None:
+    def _respond(self, req: Any, sock: Any, spec: RouteSpec, located: Located,
+                 byte_range: ranges.ByteRange | None, keep_alive: bool) -> None:
         manifest = located.manifest
+        start, length = (0, manifest.size) if byte_range is None else (byte_range.start, byte_range.length)
+        status = ranges.status(byte_range)
         close = not keep_alive or req.should_close()
-        head = (f"HTTP/{req.version[0]}.{req.version[1]} 200 OK\r\n"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in ranges.response_headers(byte_range))
+        head = (f"HTTP/{req.version[0]}.{req.version[1]} {status} {HTTPStatus(status).phrase}\r\n"
                 f"Server: kura\r\nDate: {_http_date()}\r\n"
                 f"Connection: {'close' if close else 'keep-alive'}\r\n"
                 f"Content-Type: {spec.content_type or manifest.content_type}\r\n"
                 + "".join(f"{name}: {value}\r\n" for name, value in manifest.headers)
-                + f"Content-Length: {manifest.size}\r\n\r\n").encode("latin-1")
+                + f"{extra}Content-Length: {length}\r\n\r\n").encode("latin-1")
         if req.method == "HEAD":
             sock.sendall(head)
             return
         if located.inline_body is not None:
             metrics.SERVING_PATHS.labels("inline").inc()
-            sock.sendall(head + located.inline_body)
-        elif manifest.size <= SMALL_BODY:
+            sock.sendall(head + located.inline_body[start:start + length])
+        elif length <= SMALL_BODY:
             metrics.SERVING_PATHS.labels("pread").inc()
-            sock.sendall(head + self._store.read_bytes(located))
+            sock.sendall(head + self._store.read_bytes(located, start, length))
         else:
             with self._store.open_body(located) as fh:
                 sock.sendall(head)
-                self._sendfile_all(sock, fh.fileno(), manifest.offset, manifest.size)
+                self._sendfile_all(sock, fh.fileno(), manifest.offset + start, length)
             metrics.SERVING_PATHS.labels("sendfile").inc()
 
+
+def _header(req: Any, name: str) -> str | None:
+    """Header ``name`` (gunicorn upper-cases names) as the blueprint reads it from gunicorn's
+    environ: repeated values joined with a comma."""
+    values = [value for header, value in req.headers if header == name]
+    return ",".join(values) if values else None

@@ -16,6 +16,8 @@ Flask only dispatches (and answers 405 with ``Allow``); whether the path fits th
 is decided here, segment by segment on the raw path. A key with an encoded slash
 (``%2F``) is therefore refused with 400, a literal extra segment is 404, and no artifact
 route ever redirects (Werkzeug's slash merging is off: artifact keys are not file paths).
+The one exception is a variable at the root (Bazel's ``/{namespace_id}/cas/{hash}``): it
+matches one decoded segment, so an encoded slash there is a path of another shape (404).
 """
 from __future__ import annotations
 
@@ -62,7 +64,11 @@ class RouteSpec:
 
     @property
     def flask_rule(self) -> str:
-        return "/".join(f"<raw:{p[1:-1]}>" if _is_var(p) else p for p in self.parts)
+        # A variable right at the root matches one decoded segment only: matching anything,
+        # it would claim paths of other routes, and Werkzeug would dispatch ``PUT
+        # /api/cache/cas/x`` to ``/{namespace_id}/cas/{hash}`` instead of answering 405.
+        return "/".join((f"<segment:{p[1:-1]}>" if i == 1 else f"<raw:{p[1:-1]}>") if _is_var(p) else p
+                        for i, p in enumerate(self.parts))
 
     def match(self, raw_path: str) -> dict[str, str] | None:
         """The raw segments of the template's variables, or None if the path has another shape."""
@@ -177,9 +183,16 @@ class _RawSegment(BaseConverter):
     part_isolating = False
 
 
+class _RootSegment(BaseConverter):
+    """One decoded path segment (see ``RouteSpec.flask_rule``)."""
+
+    regex = r"[^/]+"
+
+
 def install(app: Flask) -> None:
     """Call before registering blueprints."""
     app.url_map.converters["raw"] = _RawSegment
+    app.url_map.converters["segment"] = _RootSegment
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False
 

@@ -6,7 +6,7 @@ import re
 
 from app.errors import BadRequest
 
-PRODUCERS = ("xcode", "gradle", "module", "reapi", "nx", "metro", "turbo")
+PRODUCERS = ("xcode", "gradle", "module", "reapi", "nx", "metro", "turbo", "bazel")
 MAX_KEY_BYTES = 1024
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

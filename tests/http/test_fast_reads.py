@@ -8,6 +8,7 @@ status, Content-Type, Content-Length and body must be the same.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from collections import Counter
@@ -23,6 +24,8 @@ from app.settings import Settings
 
 TENANT = "acme"
 BIG = os.urandom(200_000)  # above SMALL_BODY: served with sendfile
+BAZEL_BODY = b"bazel-cas"
+SHA = hashlib.sha256(BAZEL_BODY).hexdigest()
 MAX_EXAMPLES = 3000
 
 # (route, namespace, key, body, content type) stored before the run. Every key exists in
@@ -44,15 +47,19 @@ STORED = [
     ("/v8/artifacts/{k}", "turbo", "t1", b"turbo-default", None),
     ("/v8/artifacts/{k}", "p", "t1", BIG, None),
     ("/v8/artifacts/{k}", "acme", "t1", b"turbo-acme", None),
+    ("/cas/{k}", "bazel", SHA, BAZEL_BODY, None),
+    ("/cas/{k}", "p", SHA, BAZEL_BODY, None),
+    ("/ac/{k}", "bazel", SHA, b"ac-default", None),
+    ("/ac/{k}", "p", SHA, BIG, None),
 ]
 # Turborepo's upload headers, kept with its artifacts and sent back by both paths.
 TURBO_KEPT = {"x-artifact-duration": "321", "x-artifact-tag": "dGFn"}
 KEYVALUE = [("", "kv1", "root"), ("p", "kv1", "p")]
 
-KEYS = ["c1", "g1", "n1", "m1", "t1", "kv1", "a b", "\u00e9", "missing"]
+KEYS = ["c1", "g1", "n1", "m1", "t1", "kv1", "a b", "\u00e9", "missing", SHA, SHA.upper()]
 ODD_SEGMENTS = ["", "%2F", "a%2Fb", "..", "%2E%2E", ".", "%00", "%0A", "%FF", "%C3%28", "%", "%2",
                 "%zz", "+", "%2B", "x" * 1025, "_", "%5F", "p%00"]
-NAMESPACES = ["", "p", "_", "nx", "metro", "turbo", "acme"]
+NAMESPACES = ["", "p", "_", "nx", "metro", "turbo", "acme", "bazel"]
 QUERY_NAMES = ["tenant_id", "account_handle", "namespace_id", "project_handle", "slug", "teamId", "x",
                "TENANT_ID"]
 QUERY_VALUES = ["", TENANT, "other", "p", "nx", "metro", "_", "%70", "%FF", "a%2Fb", "..", "%00", "p+q",
@@ -71,7 +78,11 @@ ROUTES = {  # shape -> (path, the key stored for it)
     "gradle": ("/api/cache/gradle/{k}", "g1"), "gradle_path": ("/gradle/{t}/{n}/{k}", "g1"),
     "nx": ("/v1/cache/{k}", "n1"), "nx_path": ("/nx/{n}/v1/cache/{k}", "n1"),
     "metro": ("/api/metro/cache/{k}", "m1"), "turbo": ("/v8/artifacts/{k}", "t1"),
+    "bazel_ac": ("/ac/{k}", SHA), "bazel_cas_path": ("/{n}/cas/{k}", SHA),
 }
+RANGES = ["bytes=0-0", "bytes=2-5", "bytes=3-", "bytes=-4", "bytes=-999999", "bytes=150000-",
+          "bytes=5-2", "bytes=0-1,4-5", "bytes=-0", "bytes=9999999-", "bytes=100-200000000",
+          "items=0-1", "bytes=x", "BYTES=1-1", "bytes= 1-2 ,"]
 
 
 @st.composite
@@ -114,7 +125,11 @@ def download_request(draw: Any) -> bytes:
     method = draw(st.sampled_from(["GET", "HEAD"]))
     target = path + ("?" + query if query or draw(st.booleans()) else "")
     assume(len(target) < 4000)  # gunicorn's request-line limit is answered before either path
-    return f"{method} {target} HTTP/1.1\r\nHost: kura\r\n\r\n".encode("ascii")
+    ranges = draw(st.sampled_from([0, 0, 1, 1, 1, 2]))  # usually one Range header, if any
+    headers = "".join(f"Range: {draw(st.sampled_from(RANGES))}\r\n" for _ in range(ranges))
+    if draw(st.integers(0, 9)) == 0:
+        headers += 'If-Range: "x"\r\n'
+    return f"{method} {target} HTTP/1.1\r\nHost: kura\r\n{headers}\r\n".encode("ascii")
 
 
 class _App:
@@ -142,8 +157,8 @@ def worker(tmp_path: Path) -> Iterator[Any]:
         turbo = template.startswith("/v8/")
         if turbo:
             url += f"&slug={namespace}"
-        r = client.open(url, method="POST" if "/cas/" in template else "PUT", data=body,
-                        content_type=content_type, headers=TURBO_KEPT if turbo else {})
+        r = client.open(url, method="POST" if template.startswith("/api/cache/cas/") else "PUT",
+                        data=body, content_type=content_type, headers=TURBO_KEPT if turbo else {})
         assert r.status_code in (200, 201, 202, 204), (url, r.data)
     for namespace, cas_id, value in KEYVALUE:
         assert client.put(f"/api/cache/keyvalue?tenant_id={TENANT}&namespace_id={namespace}",
@@ -212,10 +227,10 @@ def test_fast_path_and_blueprint_agree_on_generated_requests(worker: Any) -> Non
         served_fast = fast[1].get("server") == "kura"
         assert slow[1].get("server") != "kura"
         assert fast[0] == slow[0], raw_request
-        for name in ("content-type", "content-length", *TURBO_KEPT):
+        for name in ("content-type", "content-length", "content-range", "accept-ranges", *TURBO_KEPT):
             assert fast[1].get(name) == slow[1].get(name), (raw_request, name)
         assert fast[2] == slow[2], raw_request
-        if raw_request.split(b" ")[1].startswith(b"/v8/") and fast[0] == 200:
+        if raw_request.split(b" ")[1].startswith(b"/v8/") and fast[0] in (200, 206):
             assert {name: fast[1][name] for name in TURBO_KEPT} == TURBO_KEPT
             stats["turbo hits"] += 1
         stats["cases"] += 1
@@ -227,7 +242,9 @@ def test_fast_path_and_blueprint_agree_on_generated_requests(worker: Any) -> Non
     assert stats["cases"] >= MAX_EXAMPLES
     # The generator reaches hits, misses and refusals alike, and the fast path answers
     # every hit it makes.
-    assert stats["served by the fast path"] == stats["status 200"] >= MAX_EXAMPLES // 10
+    assert stats["served by the fast path"] == stats["status 200"] + stats["status 206"]
+    assert stats["status 200"] >= MAX_EXAMPLES // 10 and stats["status 206"] >= MAX_EXAMPLES // 50
+    assert stats["status 416"] >= MAX_EXAMPLES // 300
     assert stats["status 400"] >= MAX_EXAMPLES // 10 and stats["status 404"] >= MAX_EXAMPLES // 10
     assert stats["turbo hits"] >= MAX_EXAMPLES // 100
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+SHA_Z = hashlib.sha256(b"z").hexdigest()
 RO = {"Authorization": "Bearer ro-token"}
 RW = {"Authorization": "Bearer rw-token"}
 
@@ -23,6 +24,8 @@ WRITE_ROUTES = [
     ("PUT", "/v1/cache/h", b"n"),
     ("PUT", "/nx/proj/v1/cache/h", b"n"),
     ("PUT", "/api/metro/cache/m", b"m"),
+    ("PUT", f"/ac/{SHA_Z}", b"a"),
+    ("PUT", f"/proj/cas/{SHA_Z}", b"z"),
     ("DELETE", "/api/cache/clean?tenant_id=t", b""),
 ]
 READ_ROUTES = [
@@ -34,6 +37,8 @@ READ_ROUTES = [
     ("GET", "/gradle/t/_/k"),
     ("GET", "/v1/cache/h"),
     ("GET", "/api/metro/cache/m"),
+    ("GET", f"/ac/{SHA_Z}"),
+    ("HEAD", f"/proj/cas/{SHA_Z}"),
 ]
 
 
@@ -68,6 +73,7 @@ READ_ANSWERS = {
     "/gradle/t/_/k": (200, b"g"),
     "/v1/cache/h": (200, b"n"),
     "/api/metro/cache/m": (200, b"m"),
+    f"/ac/{SHA_Z}": (200, b"a"),
 }
 
 
@@ -78,6 +84,8 @@ def _write_everything(client) -> None:  # type: ignore[no-untyped-def]
         ("PUT", "/gradle/t/_/k", b"g", 201),
         ("PUT", "/v1/cache/h", b"n", 200),
         ("PUT", "/api/metro/cache/m", b"m", 200),
+        ("PUT", f"/ac/{SHA_Z}", b"a", 200),
+        ("PUT", f"/proj/cas/{SHA_Z}", b"z", 200),
     ]:
         assert client.open(url, method=method, data=body, headers=RW).status_code == status, url
     upload_id = client.post("/api/cache/module/start?tenant_id=t&hash=h&name=n", headers=RW).json["upload_id"]
@@ -91,8 +99,8 @@ def _write_everything(client) -> None:  # type: ignore[no-untyped-def]
 def test_read_only_token_can_read(token_client, method, url) -> None:
     _write_everything(token_client)
     r = token_client.open(url, method=method, headers=RO)
-    if method == "HEAD":
-        assert r.status_code == 204 and r.data == b""
+    if method == "HEAD":  # the module cache answers 204, a plain download 200
+        assert r.status_code == (204 if "/module/" in url else 200) and r.data == b""
     else:
         assert (r.status_code, r.data) == READ_ANSWERS[url]
 
