@@ -203,10 +203,16 @@ class ArtifactStore:
         segment was evicted after the lookup, the artifact is looked up again once
         (copy-forward may have moved it) before answering NotFound.
         """
+        fd, located = self._open_segment(located)
+        os.lseek(fd, located.manifest.offset, os.SEEK_SET)
+        return os.fdopen(fd, "rb", buffering=0)
+
+    def _open_segment(self, located: Located) -> tuple[int, Located]:
+        """A read-only descriptor of the segment holding ``located``'s body, and where the
+        body is (looked up again if its segment was evicted meanwhile; see ``open_body``)."""
         for attempt in (0, 1):
-            manifest = located.manifest
             try:
-                fd = os.open(segment_path(self.segments_dir, manifest.segment_id), os.O_RDONLY)
+                fd = os.open(segment_path(self.segments_dir, located.manifest.segment_id), os.O_RDONLY)
             except FileNotFoundError:
                 again = self.lookup_id(located.artifact_id)
                 if again is None or again.manifest.inline or attempt:
@@ -216,9 +222,8 @@ class ArtifactStore:
             except OSError as exc:
                 raise_if_disk_full(exc)
                 raise
-            os.lseek(fd, manifest.offset, os.SEEK_SET)
             self._note_read(located)
-            return os.fdopen(fd, "rb", buffering=0)
+            return fd, located
         raise NotFound("Artifact not found")
 
     def read_bytes(self, located: Located, offset: int = 0, length: int | None = None) -> bytes:
@@ -229,8 +234,11 @@ class ArtifactStore:
             return b""
         if located.inline_body is not None:
             return located.inline_body[offset:offset + length]
-        with self.open_body(located) as fh:
-            data = os.pread(fh.fileno(), length, located.manifest.offset + offset)
+        fd, located = self._open_segment(located)
+        try:
+            data = os.pread(fd, length, located.manifest.offset + offset)
+        finally:
+            os.close(fd)
         if len(data) != length:
             raise NotFound("Artifact not found")
         return data
