@@ -51,6 +51,7 @@ class FastReads:
         # A cheap first filter; a path spelled with encoded literals fails it and simply
         # goes to the blueprint.
         self._specs = [(_static_prefix(spec), spec) for spec in fast_path_specs()]
+        self._samples: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 
     @classmethod
     def for_app(cls, app: Any, sendfile_all: SendFile) -> "FastReads | None":
@@ -86,10 +87,11 @@ class FastReads:
         finally:
             self._node_state.add_inflight(-1)
         elapsed = time.perf_counter() - started
-        metrics.HTTP_REQUESTS.labels(spec.template, "200").inc()
-        metrics.HTTP_DURATION.labels(spec.template).observe(elapsed)
+        requests, duration, reads = self._hit_metrics(spec.template, located.manifest.producer)
+        requests.inc()
+        duration.observe(elapsed)
         self._node_state.note_latency(elapsed)  # bandwidth pacing (app.replication.pacing)
-        metrics.ARTIFACT_READS.labels(located.manifest.producer, "hit").inc()
+        reads.inc()
         analytics = self._services.analytics
         if analytics is not None and req.method == "GET":
             analytics.record(located.manifest.producer, target.tenant_id, target.namespace_id,
@@ -97,6 +99,16 @@ class FastReads:
         if not keep_alive or req.should_close():
             raise StopIteration()  # gunicorn's way of ending the connection after this answer
         return True
+
+    def _hit_metrics(self, template: str, producer: str) -> tuple[Any, Any, Any]:
+        """The labelled samples a hit counts into, looked up once per route and producer."""
+        key = (template, producer)
+        found = self._samples.get(key)
+        if found is None:
+            found = self._samples[key] = (metrics.HTTP_REQUESTS.labels(template, "200"),
+                                          metrics.HTTP_DURATION.labels(template),
+                                          metrics.ARTIFACT_READS.labels(producer, "hit"))
+        return found
 
     def _respond(self, req: Any, sock: Any, spec: RouteSpec, located: Located, keep_alive: bool) -> None:
         manifest = located.manifest
