@@ -81,7 +81,7 @@ def mark_sealed(txn: lmdb.Transaction, dbs: Databases, segment_id: int, by: str)
         txn.put(u64(segment_id), json.dumps(state).encode(), db=dbs.segments)
 
 
-@dataclass(eq=False)
+@dataclass
 class _Active:
     segment_id: int
     fd: int
