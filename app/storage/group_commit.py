@@ -2,39 +2,40 @@
 
 A writer copies its body into this process's segment without a sync
 (``SegmentWriter.write``) and hands :meth:`GroupCommit.commit` what it wants to
-publish. Whoever holds the commit lock commits every request queued so far, in
-this order:
+publish. The writer that takes the queue commits every request queued so far as
+one batch:
 
-1. fdatasync each segment the batch wrote to, once per segment;
-2. ONE LMDB write transaction that publishes every request (manifest, indexes,
-   outbox rows), no yield while it is open;
+1. fdatasync each segment the batch wrote to, once per segment (sync stage);
+2. ONE LMDB write transaction that publishes every request of the batch
+   (manifest, indexes, outbox rows), no yield while it is open (publish stage);
 3. make that transaction durable (``lmdb_env.make_durable``, which also shares
    the sync with commits of the node's other processes).
 
-Only then does any of them return, so nothing is acknowledged before its body
-and its metadata are durable, and nothing becomes visible before its body is
-synced (the store's invariant). Writers that arrive while a batch is syncing
-queue for the next one: under concurrency one sync covers many writes; a lone
-write pays what it paid before (one segment sync, one commit).
+Only then is any request of the batch answered, so nothing is acknowledged
+before its body and its metadata are durable, and nothing becomes visible before
+its body is synced (the store's invariant). Writers that arrive meanwhile queue
+for the next batch, whose segment sync runs while this one publishes: under
+concurrency one sync covers many writes and the stages overlap; a lone write
+pays what it paid before (one segment sync, one commit).
 
 A request's ``apply`` runs inside the shared transaction and may raise a
 ``KuraError`` only before it writes anything (a full outbox, an evicted
 segment): that request then fails alone. Any other error in the transaction or
 its commit fails the whole batch, and nothing of it is visible.
 
-Safe for greenlets (the monkey-patched ``threading`` locks) and threads (the
+Safe for greenlets (the monkey-patched ``threading`` primitives) and threads (the
 REAPI process).
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 import lmdb
 
 from app.errors import KuraError
-from app.storage.lmdb_env import write_txn
+from app.storage.lmdb_env import make_durable, write_txn
 from app.storage.segments import Extent, Offload, SegmentWriter
 
 T = TypeVar("T")
@@ -48,7 +49,9 @@ class CommitInterrupted(RuntimeError):
 class _Request:
     apply: Callable[[lmdb.Transaction], object]
     extent: Extent | None
-    done: bool = False
+    finished: threading.Event = field(default_factory=threading.Event)
+    taken: bool = False  # a batch holds it
+    done: bool = False  # its outcome (result or error) is final
     result: object = None
     error: BaseException | None = None
 
@@ -62,7 +65,8 @@ class GroupCommit:
         self._offload = offload
         self._queue: list[_Request] = []
         self._queue_lock = threading.Lock()  # never held across a yield
-        self._commit_lock = threading.Lock()  # one batch at a time
+        self._sync_lock = threading.Lock()  # one batch in the sync stage at a time
+        self._publish_lock = threading.Lock()  # one batch in the publish stage at a time
 
     @property
     def queued(self) -> int:
@@ -71,30 +75,35 @@ class GroupCommit:
 
     def commit(self, apply: Callable[[lmdb.Transaction], T], extent: Extent | None = None) -> T:
         """Run ``apply`` in a write transaction once ``extent`` (if any) is synced, and
-        return its result once that transaction is durable. ``extent`` is released here,
-        whatever happens (also when the caller is interrupted while it waits)."""
+        return its result once that transaction is durable. ``extent`` is released by
+        the batch that takes the request, whatever happens (also when the caller is
+        interrupted while it waits)."""
         request = _Request(apply, extent)
         with self._queue_lock:
             self._queue.append(request)
-        with self._commit_lock:
-            if not request.done:
-                self._commit_queued()
+        self._commit_queued(request)
+        request.finished.wait()
         if request.error is not None:
             raise request.error
         return request.result  # type: ignore[return-value]
 
     def flush(self) -> None:
         """Commit whatever is queued (requests whose writer gave up waiting)."""
-        with self._commit_lock:
-            self._commit_queued()
+        self._commit_queued(None)
 
-    def _commit_queued(self) -> None:
-        with self._queue_lock:
-            batch, self._queue = self._queue, []
-        if not batch:
-            return
+    def _commit_queued(self, own: _Request | None) -> None:
+        """Take the queue as a batch and commit it, unless ``own`` is in a batch already
+        (its writer then just waits: every queued request's writer comes here in turn)."""
+        batch: list[_Request] = []
         try:
-            self._sync_segments(batch)
+            with self._sync_lock:
+                if own is not None and own.taken:
+                    return
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                for request in batch:
+                    request.taken = True
+                self._sync_segments(batch)
             live = [request for request in batch if not request.done]
             if live:
                 self._publish(live)
@@ -105,6 +114,7 @@ class GroupCommit:
                     request.done = True
                 if request.extent is not None:
                     self._segments.release(request.extent)
+                request.finished.set()
 
     def _sync_segments(self, batch: list[_Request]) -> None:
         by_segment: dict[int, list[_Request]] = {}
@@ -120,13 +130,18 @@ class GroupCommit:
 
     def _publish(self, live: list[_Request]) -> None:
         try:
-            # Must not yield while this write transaction is open (apply does not).
-            with write_txn(self._env, self._offload) as txn:
-                for request in live:
-                    try:
-                        request.result = request.apply(txn)
-                    except KuraError as exc:
-                        request.error = exc
+            with self._publish_lock:
+                # Must not yield while this write transaction is open (apply does not).
+                with write_txn(self._env, durable=False) as txn:
+                    txn_id = txn.id()
+                    for request in live:
+                        try:
+                            request.result = request.apply(txn)
+                        except KuraError as exc:
+                            request.error = exc
+            # Outside the publish lock: the next batch may commit meanwhile, and its commit
+            # makes this one durable too.
+            make_durable(self._env, txn_id, self._offload)
         except Exception as exc:  # noqa: BLE001 - the batch failed as a whole
             for request in live:
                 request.error, request.result = exc, None

@@ -98,11 +98,13 @@ def _allocate_lock_file(path: str) -> None:
 
 
 @contextmanager
-def write_txn(env: lmdb.Environment,
-              offload: Callable[..., object] | None = None) -> Iterator[lmdb.Transaction]:
+def write_txn(env: lmdb.Environment, offload: Callable[..., object] | None = None, *,
+              durable: bool = True) -> Iterator[lmdb.Transaction]:
     """``env.begin(write=True)`` whose commit fails with ``BudgetExhausted`` when the disk
     (or the LMDB map) is full; nothing of the transaction is kept then. Other errors pass.
-    Returns once the commit is durable (``offload`` runs the sync when one is needed).
+    Returns once the commit is durable (``offload`` runs the sync when one is needed),
+    unless ``durable`` is False: then the caller calls :func:`make_durable` with the
+    transaction's ``id()`` before it reports the commit to anyone.
     Must not yield to another greenlet while it is open."""
     txn = env.begin(write=True)
     txn_id = txn.id()
@@ -117,7 +119,8 @@ def write_txn(env: lmdb.Environment,
     except lmdb.Error as exc:
         raise_if_lmdb_full(env, exc)
         raise
-    make_durable(env, txn_id, offload)
+    if durable:
+        make_durable(env, txn_id, offload)
 
 
 def make_durable(env: lmdb.Environment, txn_id: int,
