@@ -49,7 +49,8 @@ class CommitInterrupted(RuntimeError):
 class _Request:
     apply: Callable[[lmdb.Transaction], object]
     extent: Extent | None
-    finished: threading.Event = field(default_factory=threading.Event)
+    # Looked up per request: gevent's patched Event in HTTP workers, whenever this was imported.
+    finished: threading.Event = field(default_factory=lambda: threading.Event())
     taken: bool = False  # a batch holds it
     done: bool = False  # its outcome (result or error) is final
     result: object = None
