@@ -54,6 +54,7 @@ class Connection:
     reserve: bool = False  # accepted beyond the limit: one request, probes only unless promoted
     counted: bool = True  # counts against the limit (cleared when evicted)
     last_request: Any = None  # gunicorn's Request last handed to the worker
+    waited: bool = False  # the wait for the current request head yielded to other greenlets
 
 
 @dataclass(eq=False)
@@ -183,20 +184,27 @@ class HeadWait:
         if conn is None:  # not a connection this worker accepted (cannot happen): no bound
             return self
         previous = conn.last_request
+        conn.waited = False
         if previous is not None and getattr(previous.body, "failed", False):
             # Its body broke its framing: where a next request would start is unknown.
             raise StopIteration()
         if previous is not None and not _buffered(previous.unreader):
-            idle = gevent.Timeout(adm.keepalive_s)
-            self._register(idle)
-            try:
-                with idle:
-                    conn.sock.recv(1, socket.MSG_PEEK)  # the next request's first byte (or EOF)
-            except gevent.Timeout as exc:
-                if exc is not idle:
-                    raise
-                adm.waiting.pop(getcurrent(), None)
-                raise StopIteration() from None
+            arrived = _peek_now(conn.sock)
+            if arrived is None:
+                idle = gevent.Timeout(adm.keepalive_s)
+                self._register(idle)
+                try:
+                    with idle:
+                        conn.sock.recv(1, socket.MSG_PEEK)  # the next request's first byte (or EOF)
+                except gevent.Timeout as exc:
+                    if exc is not idle:
+                        raise
+                    adm.waiting.pop(getcurrent(), None)
+                    raise StopIteration() from None
+                conn.waited = True
+                arrived = _peek_now(conn.sock)
+            if arrived and b"\r\n\r\n" in arrived and _body_consumed(previous):
+                return self  # the whole head is here: parsing it cannot wait, no timer needed
         seconds = adm.header_timeout_s
         if conn.reserve:
             seconds = min(seconds, RESERVE_HEAD_TIMEOUT_S)
@@ -225,6 +233,29 @@ class HeadWait:
         current = getcurrent()
         waiting.pop(current, None)
         waiting[current] = _Wait(self.conn, time.monotonic(), interrupt)  # type: ignore[arg-type]
+
+
+HEAD_PEEK_BYTES = 8192
+
+
+def _peek_now(sock: Any) -> bytes | None:
+    """The bytes already received on ``sock`` (up to ``HEAD_PEEK_BYTES``, left in place), b""
+    at EOF, None when nothing has arrived. Never waits: it asks gevent's underlying
+    non-blocking socket directly."""
+    try:
+        return sock._sock.recv(HEAD_PEEK_BYTES, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return None
+
+
+def _body_consumed(request: Any) -> bool:
+    """Whether gunicorn has read all of ``request``'s body, so what follows on the socket is
+    the next request's head."""
+    body = request.body
+    if getattr(body.reader, "length", None) != 0:
+        return False
+    with body.buf.getbuffer() as view:
+        return view.nbytes == 0
 
 
 def _buffered(unreader: Any) -> bool:

@@ -219,7 +219,8 @@ class KuraGeventWorker(GeventWorker):
                                               and req.path in self._probe_paths):
                     raise StopIteration()  # answered 503; gunicorn closes the connection
                 req.force_close()  # a reserve connection serves one request
-        gevent.sleep(0)  # fairness between keep-alive connections of this worker
+        if conn is None or not conn.waited:
+            gevent.sleep(0)  # fairness between keep-alive connections of this worker
         fast = self._fast_reads
         if fast is not None and fast.serve(req, sock, self.alive and bool(self.cfg.keepalive)):
             return True

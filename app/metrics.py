@@ -121,6 +121,10 @@ def failed_write_result(exc: BaseException) -> str:
 # -- storage ----------------------------------------------------------------------------
 SEGMENTS_CREATED = Counter("kura_segments_created_total", "Segment files created")
 SEGMENT_ROTATIONS = Counter("kura_segment_rotations_total", "Active segments sealed and rotated")
+STORAGE_SYNCS = Counter(
+    "kura_storage_syncs_total", "fdatasync calls that made acknowledged writes durable, by file: "
+    "segment (artifact bodies) or lmdb (metadata commits); group commit makes them fewer than writes",
+    ["file"])
 EVICTED_SEGMENTS = Counter("kura_eviction_segments_total", "Segments evicted (unlinked) for capacity")
 EVICTED_BYTES = Counter("kura_eviction_bytes_total", "Segment bytes reclaimed by eviction")
 EVICTED_ARTIFACTS = Counter("kura_eviction_artifacts_total", "Artifacts dropped by eviction")

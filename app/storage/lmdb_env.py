@@ -4,7 +4,16 @@ LMDB maps its files: ``data.mdb`` read-only (no ``writemap``: pages are written 
 ``pwrite``, so a full disk fails the commit instead of faulting a mapped page) and
 ``lock.mdb`` read-write (the reader table, created sparse): its pages are allocated
 when the environment opens. Write transactions go through :func:`write_txn`, which
-turns "the disk is full" into ``BudgetExhausted`` (429 / RESOURCE_EXHAUSTED).
+turns "the disk is full" into ``BudgetExhausted`` (429 / RESOURCE_EXHAUSTED) and returns
+only once the commit is durable.
+
+Durability: the environment runs with ``metasync`` off (``MDB_NOMETASYNC``). A commit
+fdatasyncs its data pages and then writes its meta page without a sync, so LMDB's
+integrity holds (a power loss can only roll back to the previous meta page) and the
+commit is durable once anything fdatasyncs ``data.mdb`` after that meta write. Every
+later commit, from any process of the node, does exactly that before its own meta
+write; :func:`make_durable` therefore syncs only when no later commit has happened yet.
+Concurrent committers across processes share these syncs (group commit at the file).
 """
 from __future__ import annotations
 
@@ -14,10 +23,11 @@ import os
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lmdb
 
+from app import metrics
 from app.storage.backpressure import raise_if_lmdb_full
 
 log = logging.getLogger("kura.storage")
@@ -67,7 +77,7 @@ def open_environment(data_dir: str, map_size: int) -> tuple[lmdb.Environment, Da
     os.makedirs(path, exist_ok=True)
     _allocate_lock_file(os.path.join(path, "lock.mdb"))
     env = lmdb.open(path, map_size=map_size, max_dbs=len(DB_NAMES) + 2, subdir=True,
-                    lock=True, sync=True, metasync=True, readahead=False, max_readers=MAX_READERS,
+                    lock=True, sync=True, metasync=False, readahead=False, max_readers=MAX_READERS,
                     max_spare_txns=16, writemap=False)
     handles = {name: env.open_db(name.encode(), create=True) for name in DB_NAMES}
     return env, Databases(**handles)
@@ -94,11 +104,16 @@ def _allocate_lock_file(path: str) -> None:
 
 
 @contextmanager
-def write_txn(env: lmdb.Environment) -> Iterator[lmdb.Transaction]:
+def write_txn(env: lmdb.Environment, offload: Callable[..., object] | None = None, *,
+              durable: bool = True) -> Iterator[lmdb.Transaction]:
     """``env.begin(write=True)`` whose commit fails with ``BudgetExhausted`` when the disk
     (or the LMDB map) is full; nothing of the transaction is kept then. Other errors pass.
+    Returns once the commit is durable (``offload`` runs the sync when one is needed),
+    unless ``durable`` is False: then the caller calls :func:`make_durable` with the
+    transaction's ``id()`` before it reports the commit to anyone.
     Must not yield to another greenlet while it is open."""
     txn = env.begin(write=True)
+    txn_id = txn.id()
     try:
         yield txn
     except BaseException as exc:
@@ -110,6 +125,29 @@ def write_txn(env: lmdb.Environment) -> Iterator[lmdb.Transaction]:
     except lmdb.Error as exc:
         raise_if_lmdb_full(env, exc)
         raise
+    if durable:
+        make_durable(env, txn_id, offload)
+
+
+def make_durable(env: lmdb.Environment, txn_id: int,
+                 offload: Callable[..., object] | None = None) -> None:
+    """Make the committed write transaction ``txn_id`` durable (see the module docstring)."""
+    with env.begin() as txn:
+        last = txn.id()  # the newest committed transaction of any process
+    if last < txn_id:
+        return  # the commit changed nothing: LMDB wrote and synced nothing
+    metrics.STORAGE_SYNCS.labels("lmdb").inc()  # the commit's own fdatasync of its data pages
+    if last > txn_id:
+        return  # a later commit fdatasynced data.mdb after our meta page was written
+    try:
+        if offload is None:
+            env.sync(True)
+        else:
+            offload(env.sync, True)
+    except lmdb.Error as exc:
+        raise_if_lmdb_full(env, exc)
+        raise
+    metrics.STORAGE_SYNCS.labels("lmdb").inc()
 
 
 def namespace_key(namespace_id: str) -> bytes:

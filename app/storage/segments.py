@@ -91,6 +91,28 @@ class _Active:
     sealed: bool = False
 
 
+@dataclass(frozen=True)
+class Extent:
+    """``length`` bytes copied to ``offset`` of a segment but not yet fdatasync'ed: they
+    may be published only after ``fd`` is synced. The segment's descriptor stays open
+    until :meth:`SegmentWriter.release`."""
+
+    segment: _Active
+    offset: int
+    length: int
+
+    @property
+    def segment_id(self) -> int:
+        return self.segment.segment_id
+
+    @property
+    def fd(self) -> int:
+        return self.segment.fd
+
+
+SMALL_WRITE_BYTES = 64 * 1024  # copied in the calling greenlet: shorter than a thread hand-off
+
+
 class SegmentWriter:
     """This process's active segment. Safe for greenlets and threads."""
 
@@ -193,10 +215,48 @@ class SegmentWriter:
             except OSError as exc:
                 raise_if_disk_full(exc)
                 raise
+            metrics.STORAGE_SYNCS.labels("segment").inc()
             failed = False
             return seg.segment_id, offset
         finally:
             self._release(seg, offset, length, failed)
+
+    def write(self, sources: Sequence[tuple[int, int, int]]) -> Extent:
+        """Copy ``(fd, src_offset, length)`` sources back to back into the active segment
+        WITHOUT fdatasync (the group commit syncs it, see ``group_commit.py``). The caller
+        must :meth:`release` the returned extent once it is synced and published or given up."""
+        return self._write(sum(length for _, _, length in sources), _copy, list(sources))
+
+    def write_bytes(self, data: bytes) -> Extent:
+        """:meth:`write` for bytes in memory."""
+        return self._write(len(data), _pwrite_all, data)
+
+    def _write(self, length: int, write: Callable[..., None], payload: object) -> Extent:
+        seg, offset = self._reserve(length)
+        try:
+            if length <= SMALL_WRITE_BYTES:
+                write(seg.fd, offset, payload)
+            else:
+                self._offload(write, seg.fd, offset, payload)
+        except BaseException as exc:
+            self._release(seg, offset, length, failed=True)
+            if isinstance(exc, OSError):
+                raise_if_disk_full(exc)
+            raise
+        return Extent(seg, offset, length)
+
+    def release(self, extent: Extent) -> None:
+        """Done with ``extent``: its space is never reused (it may be published)."""
+        self._release(extent.segment, extent.offset, extent.length, failed=False)
+
+    def sync(self, extent: Extent) -> None:
+        """fdatasync the segment that holds ``extent`` (and everything else written to it)."""
+        try:
+            self._offload(os.fdatasync, extent.fd)
+        except OSError as exc:
+            raise_if_disk_full(exc)
+            raise
+        metrics.STORAGE_SYNCS.labels("segment").inc()
 
     def rotate(self) -> None:
         """Seal the active segment now; the next append starts a new one (the evictor, when
@@ -225,6 +285,7 @@ class SegmentWriter:
         except OSError as exc:
             raise_if_disk_full(exc)
             raise
+        metrics.STORAGE_SYNCS.labels("segment").inc()
         with write_txn(self._env) as txn:
             seg_id = self._new_row(txn, sealed=True, adopted=True)
         try:
@@ -251,6 +312,11 @@ class SegmentWriter:
 
 
 def _copy_and_sync(dst_fd: int, dst_offset: int, sources: list[tuple[int, int, int]]) -> None:
+    _copy(dst_fd, dst_offset, sources)
+    os.fdatasync(dst_fd)
+
+
+def _copy(dst_fd: int, dst_offset: int, sources: list[tuple[int, int, int]]) -> None:
     position = dst_offset
     for src_fd, src_offset, length in sources:
         copied = 0
@@ -266,7 +332,6 @@ def _copy_and_sync(dst_fd: int, dst_offset: int, sources: list[tuple[int, int, i
                 raise OSError(errno.EIO, "source ended before the expected length")
             copied += n
             position += n
-    os.fdatasync(dst_fd)
 
 
 def _pread_pwrite(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> int:
@@ -301,9 +366,13 @@ def _fsync_dir(path: str) -> None:
         os.close(dir_fd)
 
 
-def _write_and_sync(fd: int, offset: int, data: bytes) -> None:
+def _pwrite_all(fd: int, offset: int, data: bytes) -> None:
     view = memoryview(data)
     written = 0
     while written < len(view):
         written += os.pwrite(fd, view[written:], offset + written)
+
+
+def _write_and_sync(fd: int, offset: int, data: bytes) -> None:
+    _pwrite_all(fd, offset, data)
     os.fdatasync(fd)

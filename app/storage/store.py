@@ -4,8 +4,11 @@ Frontends parse and validate, then call this class; they never see LMDB or a
 segment path. One instance per process, opened after any fork.
 
 Invariant for every write: the body is in a segment and fdatasync'ed before
-one short LMDB write transaction publishes manifest + indexes + outbox rows.
-Nothing may yield to another greenlet while that transaction is open.
+one short LMDB write transaction publishes manifest + indexes + outbox rows, and
+the write is acknowledged only once that transaction is durable. Single-artifact
+writes of one process go through ``GroupCommit``, so concurrent ones share those
+syncs and that transaction. Nothing may yield to another greenlet while a write
+transaction is open.
 """
 from __future__ import annotations
 
@@ -26,12 +29,14 @@ from app.storage.keys import artifact_id as compute_artifact_id
 from app.members import MemberList
 from app.storage.catalog import Catalog
 from app.storage.content_digests import SHA256
+from app.storage.group_commit import GroupCommit
 from app.storage.lmdb_env import (MULTIPART_BYTES, PARTIAL_UPLOAD_BYTES, Databases, namespace_key,
                                    open_environment, read_counter, u64, write_txn)
 from app.storage.manifest import Manifest, version_order
 from app.storage.outbox import Outbox
 from app.storage.backpressure import DISK_FULL_MESSAGE, raise_if_disk_full
-from app.storage.segments import Offload, SegmentWriter, direct_call, publishable, segment_path
+from app.storage.segments import (Extent, Offload, SegmentWriter, direct_call, publishable,
+                                  segment_path)
 from app.storage.staging import StagedBody, StagingArea
 
 log = logging.getLogger("kura.storage")
@@ -116,6 +121,7 @@ class ArtifactStore:
         self.segments = SegmentWriter(self.env, self.dbs, self.segments_dir,
                                       settings.segment_max_bytes, offload, clock)
         self.outbox = Outbox(self.env, self.dbs, settings.outbox_max_depth)
+        self._commits = GroupCommit(self.env, self.segments, offload)
         self.catalog = Catalog(self.env, self.dbs)
         self.staging = StagingArea(os.path.join(settings.resolved_tmp_dir, "staging"),
                                    settings.tmp_dir_max_bytes, self.node_state,
@@ -202,10 +208,16 @@ class ArtifactStore:
         segment was evicted after the lookup, the artifact is looked up again once
         (copy-forward may have moved it) before answering NotFound.
         """
+        fd, located = self._open_segment(located)
+        os.lseek(fd, located.manifest.offset, os.SEEK_SET)
+        return os.fdopen(fd, "rb", buffering=0)
+
+    def _open_segment(self, located: Located) -> tuple[int, Located]:
+        """A read-only descriptor of the segment holding ``located``'s body, and where the
+        body is (looked up again if its segment was evicted meanwhile; see ``open_body``)."""
         for attempt in (0, 1):
-            manifest = located.manifest
             try:
-                fd = os.open(segment_path(self.segments_dir, manifest.segment_id), os.O_RDONLY)
+                fd = os.open(segment_path(self.segments_dir, located.manifest.segment_id), os.O_RDONLY)
             except FileNotFoundError:
                 again = self.lookup_id(located.artifact_id)
                 if again is None or again.manifest.inline or attempt:
@@ -215,9 +227,8 @@ class ArtifactStore:
             except OSError as exc:
                 raise_if_disk_full(exc)
                 raise
-            os.lseek(fd, manifest.offset, os.SEEK_SET)
             self._note_read(located)
-            return os.fdopen(fd, "rb", buffering=0)
+            return fd, located
         raise NotFound("Artifact not found")
 
     def read_bytes(self, located: Located, offset: int = 0, length: int | None = None) -> bytes:
@@ -228,8 +239,11 @@ class ArtifactStore:
             return b""
         if located.inline_body is not None:
             return located.inline_body[offset:offset + length]
-        with self.open_body(located) as fh:
-            data = os.pread(fh.fileno(), length, located.manifest.offset + offset)
+        fd, located = self._open_segment(located)
+        try:
+            data = os.pread(fd, length, located.manifest.offset + offset)
+        finally:
+            os.close(fd)
         if len(data) != length:
             raise NotFound("Artifact not found")
         return data
@@ -302,10 +316,13 @@ class ArtifactStore:
                     headers: tuple[tuple[str, str], ...] = ()) -> WriteResult:
         aid = self.artifact_id(producer, namespace_id, key)
         size = sum(length for _, _, length in sources)
-        seg_id, offset = self.segments.append(sources) if size else (0, 0)
-        manifest = Manifest(producer, namespace_id, key, content_type, 0, size, seg_id, offset,
-                            headers=headers)
-        return self._commit(aid, manifest, b"" if not size else None)
+        if not size:
+            return self._commit(aid, Manifest(producer, namespace_id, key, content_type, 0, 0,
+                                              headers=headers), b"")
+        extent = self.segments.write(sources)
+        manifest = Manifest(producer, namespace_id, key, content_type, 0, size, extent.segment_id,
+                            extent.offset, headers=headers)
+        return self._commit(aid, manifest, None, extent)
 
     def put_bytes(self, producer: str, namespace_id: str, key: str, data: bytes,
                   content_type: str = "application/octet-stream", *, inline: bool = True) -> WriteResult:
@@ -313,9 +330,10 @@ class ArtifactStore:
         if inline or not data:
             manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data))
             return self._commit(aid, manifest, data)
-        seg_id, offset = self.segments.append_bytes(data)
-        manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data), seg_id, offset)
-        return self._commit(aid, manifest, None)
+        extent = self.segments.write_bytes(data)
+        manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data),
+                            extent.segment_id, extent.offset)
+        return self._commit(aid, manifest, None, extent)
 
     def put_many(self, producer: str, namespace_id: str, items: Sequence[tuple[str, bytes]],
                  content_type: str = "application/octet-stream") -> list[WriteResult]:
@@ -341,10 +359,12 @@ class ArtifactStore:
                 offset += len(data)
         return results
 
-    def _commit(self, aid: bytes, manifest: Manifest, inline_body: bytes | None) -> WriteResult:
-        # Must not yield while this write transaction is open.
-        with write_txn(self.env) as txn:
-            return self._commit_in(txn, aid, manifest, inline_body, None)
+    def _commit(self, aid: bytes, manifest: Manifest, inline_body: bytes | None,
+                extent: Extent | None = None) -> WriteResult:
+        """Publish one local write (its body, if in ``extent``, written but not yet synced)
+        together with whatever other writes of this process are waiting (group commit)."""
+        return self._commits.commit(
+            lambda txn: self._commit_in(txn, aid, manifest, inline_body, None), extent)
 
     def _replicated_outcome(self, txn: lmdb.Transaction, aid: bytes, namespace_id: str,
                             order: tuple[int, str]) -> str:
@@ -564,6 +584,7 @@ class ArtifactStore:
                         yield Manifest.decode(raw)
 
     def close(self) -> None:
+        self._commits.flush()
         self.flush_read_marks()
         self.segments.close()
         self.env.close()

@@ -314,3 +314,23 @@ def test_an_eviction_cut_by_a_crash_is_finished_after_the_restart(settings: Sett
     assert sorted(os.listdir(store.segments_dir)) == sorted(
         os.path.basename(segment_path(store.segments_dir, seg)) for seg in ids[1:])
     store.close()
+
+
+def test_a_read_through_a_lookup_made_before_copy_forward_returns_the_copied_body(
+        settings: Settings) -> None:
+    """The segment of a looked-up artifact is evicted and the artifact copied forward to another
+    offset before its body is read: the read follows it there (it used to read the new segment
+    at the old offset, that is another artifact's bytes)."""
+    store, ids = _three_segments(settings)
+    evictor = Evictor(store, capacity_bytes=250 * KIB)
+    evictor._update_hot_watermark(evictor._segments())
+    store._hot_checked = 0  # re-read the watermark now
+    located = store.lookup("gradle", "", "s1")
+    assert store.read_bytes(located) == b"s1" * 50 * KIB  # hot now
+    store.flush_read_marks()
+    put(store, "s4", b"4" * KIB)  # the copy of s1 lands after it, not at s1's old offset 0
+    evictor.run_once()
+    assert not os.path.exists(segment_path(store.segments_dir, ids[0]))
+    assert store.lookup("gradle", "", "s1").manifest.offset != located.manifest.offset
+    assert store.read_bytes(located) == b"s1" * 50 * KIB
+    store.close()
