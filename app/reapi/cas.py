@@ -30,10 +30,13 @@ MAX_TREE_PAGE_SIZE = 10000
 MAX_PAGE_TOKEN = 10**12 - 1  # a position in the walk
 
 
+_OK = status_pb2.Status(code=grpc.StatusCode.OK.value[0])
+
+
 def _status(exc: BaseException | None = None) -> status_pb2.Status:
     """A batch entry's status; its message is bounded (the send limit counts on it)."""
     if exc is None:
-        return status_pb2.Status(code=grpc.StatusCode.OK.value[0])
+        return _OK
     code, message = status_for(exc)
     message = message.encode()[:MAX_STATUS_MESSAGE_BYTES].decode(errors="ignore")
     return status_pb2.Status(code=code.value[0], message=message)
@@ -113,15 +116,22 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         if total > MAX_BATCH_TOTAL_SIZE_BYTES:
             raise BadRequest(f"Batch read of {total} bytes exceeds max_batch_total_size_bytes "
                              f"({MAX_BATCH_TOTAL_SIZE_BYTES})")
-        response = re_pb2.BatchReadBlobsResponse()
+        parsed: list[BlobDigest | BadRequest] = []
         for requested in request.digests:
-            item = response.responses.add(digest=requested)
             try:
-                item.data = self.cache.read_small(namespace, parse_digest(requested, "blob digest"))
-            except KuraError as exc:
-                item.status.CopyFrom(_status(exc))
+                parsed.append(parse_digest(requested, "blob digest"))
+            except BadRequest as exc:
+                parsed.append(exc)
+        bodies = iter(self.cache.read_many(namespace, [d for d in parsed if isinstance(d, BlobDigest)]))
+        response = re_pb2.BatchReadBlobsResponse()
+        for requested, digest in zip(request.digests, parsed):
+            item = response.responses.add(digest=requested)
+            outcome = digest if isinstance(digest, BadRequest) else next(bodies)
+            if isinstance(outcome, bytes):
+                item.data = outcome
+                item.status.CopyFrom(_OK)
             else:
-                item.status.CopyFrom(_status())
+                item.status.CopyFrom(_status(outcome))
         return response
 
     def GetTree(self, request: re_pb2.GetTreeRequest,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from app.errors import BadRequest
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -22,9 +22,9 @@ _RESERVED_SEGMENTS = frozenset(
     ("blobs", "uploads", "actions", "actionResults", "operations", "capabilities", "compressed-blobs"))
 
 
-@dataclass(frozen=True)
-class BlobDigest:
-    """A validated SHA256 digest: lower-case hex hash and a non-negative size."""
+class BlobDigest(NamedTuple):
+    """A validated SHA256 digest: lower-case hex hash and a non-negative size. A named
+    tuple: FindMissingBlobs builds and hashes thousands per call."""
 
     hash: str
     size: int

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 
+_decode_json = json.JSONDecoder().decode
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -38,7 +40,7 @@ class Manifest:
 
     @classmethod
     def decode(cls, raw: bytes) -> "Manifest":
-        doc = json.loads(raw)
+        doc = _decode_json(bytes(raw).decode())  # json.loads would sniff the encoding first
         return cls(producer=doc["p"], namespace_id=doc["n"], key=doc["k"],
                    content_type=doc["ct"], version_ms=doc["v"], size=doc["s"],
                    segment_id=doc.get("seg", 0), offset=doc.get("off", 0), origin=doc.get("o", ""))

@@ -23,6 +23,7 @@ from app.errors import BudgetExhausted, NotFound
 from app.node_state import NodeState, state_path
 from app.settings import Settings
 from app.storage.keys import artifact_id as compute_artifact_id
+from app.storage.keys import artifact_ids as compute_artifact_ids
 from app.members import MemberList
 from app.storage.catalog import Catalog
 from app.storage.lmdb_env import (Databases, namespace_key, open_environment, read_counter, u64,
@@ -136,6 +137,9 @@ class ArtifactStore:
     def artifact_id(self, producer: str, namespace_id: str, key: str) -> bytes:
         return compute_artifact_id(producer, self.tenant_id, namespace_id, key)
 
+    def artifact_ids(self, producer: str, namespace_id: str, keys: Iterable[str]) -> list[bytes]:
+        return compute_artifact_ids(producer, self.tenant_id, namespace_id, keys)
+
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
 
@@ -154,15 +158,25 @@ class ArtifactStore:
             return None
         return manifest
 
+    def _located(self, txn: lmdb.Transaction, aid: bytes, tombstone: int | None = None) -> Located | None:
+        """``tombstone``: the artifact's namespace tombstone when the caller read it already."""
+        if tombstone is None:
+            manifest = self._visible(txn, aid)
+        else:
+            raw = txn.get(aid, db=self.dbs.manifests)
+            manifest = None if raw is None else Manifest.decode(raw)
+            if manifest is not None and manifest.version_ms <= tombstone:
+                manifest = None
+        if manifest is None:
+            return None
+        if not manifest.inline:
+            return Located(aid, manifest)
+        body = txn.get(aid, db=self.dbs.inline)
+        return None if body is None else Located(aid, manifest, body)
+
     def lookup_id(self, aid: bytes) -> Located | None:
         with self.env.begin(buffers=False) as txn:
-            manifest = self._visible(txn, aid)
-            if manifest is None:
-                return None
-            body = txn.get(aid, db=self.dbs.inline) if manifest.inline else None
-        if manifest.inline and body is None:
-            return None
-        return Located(aid, manifest, body)
+            return self._located(txn, aid)
 
     def manifest_for(self, aid: bytes) -> Manifest | None:
         """The stored manifest of ``aid`` if it is visible (not behind a namespace tombstone)."""
@@ -177,14 +191,24 @@ class ArtifactStore:
         with self.env.begin() as txn:
             return self._visible(txn, aid) is not None
 
+    def lookup_many(self, producer: str, namespace_id: str,
+                    keys: Sequence[str]) -> list[Located | None]:
+        """:meth:`lookup` of each key, in one read transaction."""
+        aids = self.artifact_ids(producer, namespace_id, keys)
+        with self.env.begin(buffers=False) as txn:
+            tombstone = self._tombstone(txn, self.dbs, namespace_id)
+            return [self._located(txn, aid, tombstone) for aid in aids]
+
     def missing(self, producer: str, namespace_id: str, keys: Sequence[str]) -> list[str]:
         """The subset of ``keys`` with no visible artifact, in one read transaction."""
+        aids = self.artifact_ids(producer, namespace_id, keys)
         absent = []
         with self.env.begin() as txn:
             tomb = self._tombstone(txn, self.dbs, namespace_id)
+            get = txn.get
             manifests = self.dbs.manifests
-            for key in keys:
-                raw = txn.get(self.artifact_id(producer, namespace_id, key), db=manifests)
+            for key, aid in zip(keys, aids):
+                raw = get(aid, db=manifests)
                 # Without a tombstone every stored manifest is visible: no need to decode it.
                 if raw is None or (tomb and Manifest.decode(raw).version_ms <= tomb):
                     absent.append(key)
@@ -228,6 +252,44 @@ class ArtifactStore:
         if len(data) != length:
             raise NotFound("Artifact not found")
         return data
+
+    def read_many(self, located: Sequence[Located]) -> list[bytes | NotFound]:
+        """The whole bodies of small artifacts (batch reads): each segment is opened once
+        for all the bodies in it. A body that cannot be read is NotFound in its place."""
+        out: list[bytes | NotFound] = [b""] * len(located)
+        by_segment: dict[int, list[int]] = {}
+        for index, item in enumerate(located):
+            if item.inline_body is not None:
+                out[index] = item.inline_body
+            elif item.size:
+                by_segment.setdefault(item.manifest.segment_id, []).append(index)
+        for segment_id, indexes in by_segment.items():
+            try:
+                fd = os.open(segment_path(self.segments_dir, segment_id), os.O_RDONLY)
+            except FileNotFoundError:
+                # Evicted since the lookup: each body is looked up again (it may have been
+                # copied forward) and read on its own.
+                for index in indexes:
+                    out[index] = self._read_or_missing(located[index])
+                continue
+            except OSError as exc:
+                raise_if_disk_full(exc)
+                raise
+            try:
+                for index in indexes:
+                    item = located[index]
+                    data = os.pread(fd, item.size, item.manifest.offset)
+                    self._note_read(item)
+                    out[index] = data if len(data) == item.size else NotFound("Artifact not found")
+            finally:
+                os.close(fd)
+        return out
+
+    def _read_or_missing(self, located: Located) -> bytes | NotFound:
+        try:
+            return self.read_bytes(located)
+        except NotFound as exc:
+            return exc
 
     def _note_read(self, located: Located) -> None:
         """Remember an artifact read from one of the oldest segments, so eviction copies it
@@ -314,13 +376,13 @@ class ArtifactStore:
         if not items:
             return []
         datas = [data for _, data in items]
+        aids = self.artifact_ids(producer, namespace_id, [key for key, _ in items])
         seg_id, base = self.segments.append_bytes(b"".join(datas)) if any(datas) else (0, 0)
         results = []
         offset = base
         # Must not yield while this write transaction is open.
         with write_txn(self.env) as txn:
-            for key, data in items:
-                aid = self.artifact_id(producer, namespace_id, key)
+            for (key, data), aid in zip(items, aids):
                 if data:
                     manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data),
                                         seg_id, offset)
