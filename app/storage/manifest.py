@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass, replace
 
 _decode_json = json.JSONDecoder().decode
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds one per call
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Manifest:
             doc["off"] = self.offset
         if self.origin:
             doc["o"] = self.origin
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return _encode_json(doc).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> "Manifest":

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable, Sequence
 
 import lmdb
@@ -54,6 +54,17 @@ class Located:
     @property
     def size(self) -> int:
         return self.manifest.size
+
+
+@dataclass
+class _LocalWrites:
+    """Read once per write transaction for the local writes to one namespace."""
+
+    tombstone: int
+    peers: tuple[str, ...]
+    now_ms: int
+    ns_key: bytes
+    publishable: set[int] = field(default_factory=set)  # segments checked in this transaction
 
 
 # Outcomes of applying a change that came from a peer (metric label values, Kura's names).
@@ -382,14 +393,15 @@ class ArtifactStore:
         offset = base
         # Must not yield while this write transaction is open.
         with write_txn(self.env) as txn:
+            local = self._local_writes(txn, namespace_id)
             for (key, data), aid in zip(items, aids):
                 if data:
                     manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data),
                                         seg_id, offset)
-                    results.append(self._commit_in(txn, aid, manifest, None, None))
+                    results.append(self._commit_in(txn, aid, manifest, None, None, local))
                 else:
                     manifest = Manifest(producer, namespace_id, key, content_type, 0, 0)
-                    results.append(self._commit_in(txn, aid, manifest, b"", None))
+                    results.append(self._commit_in(txn, aid, manifest, b"", None, local))
                 offset += len(data)
         return results
 
@@ -408,47 +420,64 @@ class ArtifactStore:
             return IGNORED_STALE
         return APPLIED
 
+    def _local_writes(self, txn: lmdb.Transaction, namespace_id: str) -> _LocalWrites:
+        """What the local writes to ``namespace_id`` in this write transaction share; raises
+        BudgetExhausted when the outbox is full."""
+        peers = self.peers
+        if peers:
+            self.outbox.raise_if_full(txn)
+        return _LocalWrites(self._tombstone(txn, self.dbs, namespace_id), peers, self.now_ms(),
+                            namespace_key(namespace_id))
+
     def _commit_in(self, txn: lmdb.Transaction, aid: bytes, manifest: Manifest,
-                   inline_body: bytes | None, replicated: tuple[int, str] | None) -> WriteResult:
+                   inline_body: bytes | None, replicated: tuple[int, str] | None,
+                   local: _LocalWrites | None = None) -> WriteResult:
         """Manifest + indexes + outbox rows for one artifact, inside the caller's write txn.
 
         ``replicated`` is the ``(version_ms, origin)`` a peer gave this version: it is
         applied only if it wins last-writer-wins, and it creates no outbox rows (full
-        mesh: the origin sends it to every peer itself)."""
+        mesh: the origin sends it to every peer itself). ``local``: for a local write, what
+        the caller's other writes to the same namespace in this transaction read already."""
         dbs = self.dbs
         ns = manifest.namespace_id
         old_raw = txn.get(aid, db=dbs.manifests)
         old = Manifest.decode(old_raw) if old_raw else None
-        tomb = self._tombstone(txn, dbs, ns)
-        old_visible = old is not None and old.version_ms > tomb
         if replicated is not None:
+            tomb = self._tombstone(txn, dbs, ns)
             outcome = self._replicated_outcome(txn, aid, ns, replicated)
             if outcome != APPLIED:
                 return WriteResult(aid, False, old.version_ms if old else tomb, outcome)
             manifest = manifest.versioned(*replicated)
+            ns_key = namespace_key(ns)
         else:
-            peers = self.peers
-            if peers:
-                self.outbox.raise_if_full(txn)
-            version = max(self.now_ms(), (old.version_ms + 1) if old else 0, tomb + 1)
+            local = local or self._local_writes(txn, ns)
+            tomb = local.tombstone
+            version = max(local.now_ms, (old.version_ms + 1) if old else 0, tomb + 1)
             manifest = manifest.versioned(version, self.node_url)
-        if manifest.segment_id and not publishable(txn, dbs, manifest.segment_id):
-            # The evictor took the segment between the append and this commit (it was the
-            # oldest and the disk needed its space): publishing would point at nothing.
-            metrics.BACKPRESSURE.labels("disk").inc()
-            raise BudgetExhausted(DISK_FULL_MESSAGE, retry_after_s=1)
+            ns_key = local.ns_key
+        old_visible = old is not None and old.version_ms > tomb
+        segment_id = manifest.segment_id
+        if segment_id and not (local is not None and segment_id in local.publishable):
+            if not publishable(txn, dbs, segment_id):
+                # The evictor took the segment between the append and this commit (it was the
+                # oldest and the disk needed its space): publishing would point at nothing.
+                metrics.BACKPRESSURE.labels("disk").inc()
+                raise BudgetExhausted(DISK_FULL_MESSAGE, retry_after_s=1)
+            if local is not None:
+                local.publishable.add(segment_id)
         txn.put(aid, manifest.encode(), db=dbs.manifests)
-        txn.put(namespace_key(ns) + aid, b"", db=dbs.ns_index)
-        if old is not None and old.segment_id and old.segment_id != manifest.segment_id:
+        txn.put(ns_key + aid, b"", db=dbs.ns_index)
+        if old is not None and old.segment_id and old.segment_id != segment_id:
             txn.delete(u64(old.segment_id) + aid, db=dbs.segment_index)
-        if manifest.segment_id:
-            txn.put(u64(manifest.segment_id) + aid, b"", db=dbs.segment_index)
+        if segment_id:
+            txn.put(u64(segment_id) + aid, b"", db=dbs.segment_index)
             txn.delete(aid, db=dbs.inline)
         else:
             txn.put(aid, inline_body or b"", db=dbs.inline)
         txn.delete(aid, db=dbs.hot)
-        if replicated is None:
-            self.outbox.enqueue(txn, peers, {"op": "put", "aid": aid.hex(), "v": manifest.version_ms})
+        if local is not None:
+            self.outbox.enqueue(txn, local.peers,
+                                {"op": "put", "aid": aid.hex(), "v": manifest.version_ms})
         return WriteResult(aid, not old_visible, manifest.version_ms)
 
     def replicated_outcomes(self, items: Sequence[ReplicatedArtifact],
