@@ -58,10 +58,10 @@ class ReapiCache:
             return None
         located = self.store.lookup(PRODUCER, namespace, digest.cas_key)
         if located is None:
-            self._reads["miss"].inc()
+            metrics.ARTIFACT_READS.labels(PRODUCER, "miss").inc()
             raise NotFound(f"Blob {digest} not found")
         if located.size != digest.size:  # cannot happen for keys we wrote; never serve it
-            self._reads["error"].inc()
+            metrics.ARTIFACT_READS.labels(PRODUCER, "error").inc()
             raise NotFound(f"Blob {digest} not found")
         return located
 
@@ -95,10 +95,10 @@ class ReapiCache:
         """A whole blob in memory: callers bound ``digest.size`` (batch reads, Directory protos)."""
         located = self.locate(namespace, digest)
         if located is None:
-            self._reads["hit"].inc()
+            metrics.ARTIFACT_READS.labels(PRODUCER, "hit").inc()
             return b""
         data = self._counted(lambda: self.store.read_bytes(located))
-        self._read_bytes.inc(len(data))
+        metrics.ARTIFACT_READ_BYTES.labels(PRODUCER).inc(len(data))
         return data
 
     def read_chunks(self, namespace: str, digest: BlobDigest, offset: int, limit: int,
@@ -112,21 +112,23 @@ class ReapiCache:
         """
         located = self.locate(namespace, digest)
         if located is None or limit == 0:
-            self._reads["hit"].inc()
+            metrics.ARTIFACT_READS.labels(PRODUCER, "hit").inc()
             return iter(())
         if located.inline_body is not None:
-            self._reads["hit"].inc()
+            metrics.ARTIFACT_READS.labels(PRODUCER, "hit").inc()
             return self._inline_chunks(located.inline_body, offset, limit, chunk_size)
         body = self._counted(lambda: self.store.open_body(located))
         return self._segment_chunks(body, located, digest, offset, limit, chunk_size)
 
-    def _inline_chunks(self, body: bytes, offset: int, limit: int, chunk_size: int) -> Iterator[bytes]:
+    @staticmethod
+    def _inline_chunks(body: bytes, offset: int, limit: int, chunk_size: int) -> Iterator[bytes]:
         for start in range(offset, offset + limit, chunk_size):
             piece = body[start:min(start + chunk_size, offset + limit)]
-            self._read_bytes.inc(len(piece))
+            metrics.ARTIFACT_READ_BYTES.labels(PRODUCER).inc(len(piece))
             yield piece
 
-    def _segment_chunks(self, body: BinaryIO, located: Located, digest: BlobDigest, offset: int,
+    @staticmethod
+    def _segment_chunks(body: BinaryIO, located: Located, digest: BlobDigest, offset: int,
                         limit: int, chunk_size: int) -> Iterator[bytes]:
         try:
             fd = body.fileno()
@@ -137,22 +139,23 @@ class ReapiCache:
                 if not piece:
                     raise NotFound(f"Blob {digest} is truncated in storage")
                 position += len(piece)
-                self._read_bytes.inc(len(piece))
+                metrics.ARTIFACT_READ_BYTES.labels(PRODUCER).inc(len(piece))
                 yield piece
         finally:
             body.close()
 
-    def _counted(self, fn: Callable[[], T]) -> T:
+    @staticmethod
+    def _counted(fn: Callable[[], T]) -> T:
         """Run a storage read, counting it as hit, miss or error."""
         try:
             result = fn()
         except NotFound:
-            self._reads["miss"].inc()
+            metrics.ARTIFACT_READS.labels(PRODUCER, "miss").inc()
             raise
         except Exception:
-            self._reads["error"].inc()
+            metrics.ARTIFACT_READS.labels(PRODUCER, "error").inc()
             raise
-        self._reads["hit"].inc()
+        metrics.ARTIFACT_READS.labels(PRODUCER, "hit").inc()
         return result
 
     # -- CAS writes -----------------------------------------------------------------
@@ -196,15 +199,15 @@ class ReapiCache:
         """The serialized ActionResult stored for ``action`` (NotFound when absent)."""
         located = self.store.lookup(PRODUCER, namespace, action.ac_key)
         if located is None:
-            self._reads["miss"].inc()
+            metrics.ARTIFACT_READS.labels(PRODUCER, "miss").inc()
             raise NotFound(f"Action result for {action} not found")
         data = self._counted(lambda: self.store.read_bytes(located))
-        self._read_bytes.inc(len(data))
+        metrics.ARTIFACT_READ_BYTES.labels(PRODUCER).inc(len(data))
         return data
 
     def note_stale_action_result(self) -> None:
         """A stored result withheld because its outputs are gone (counted as a miss)."""
-        self._reads["miss"].inc()
+        metrics.ARTIFACT_READS.labels(PRODUCER, "miss").inc()
 
     def put_action_result(self, namespace: str, action: BlobDigest, serialized: bytes) -> None:
         with _WriteOutcome():
