@@ -29,13 +29,6 @@ class ReapiCache:
 
     def __init__(self, store: ArtifactStore) -> None:
         self.store = store
-        # The labelled counters of every call, looked up once.
-        self._reads = {result: metrics.ARTIFACT_READS.labels(PRODUCER, result)
-                       for result in ("hit", "miss", "error")}
-        self._read_bytes = metrics.ARTIFACT_READ_BYTES.labels(PRODUCER)
-        self._writes = {result: metrics.ARTIFACT_WRITES.labels(PRODUCER, result)
-                        for result in ("created", "updated", "exists")}
-        self._write_bytes = metrics.ARTIFACT_WRITE_BYTES.labels(PRODUCER)
 
     # -- CAS presence ---------------------------------------------------------------
     def missing(self, namespace: str, digests: Iterable[BlobDigest]) -> list[BlobDigest]:
@@ -84,11 +77,13 @@ class ReapiCache:
                 results.append(NotFound(f"Blob {digest} not found"))
             else:
                 results.append(next(bodies))
+        # Counted once per batch, not per blob: labels() costs as much as a lookup.
         failed = sum(1 for body in results if not isinstance(body, bytes))
-        self._reads["hit"].inc(len(results) - failed)
+        metrics.ARTIFACT_READS.labels(PRODUCER, "hit").inc(len(results) - failed)
         if failed:
-            self._reads["miss"].inc(failed)
-        self._read_bytes.inc(sum(len(body) for body in results if isinstance(body, bytes)))
+            metrics.ARTIFACT_READS.labels(PRODUCER, "miss").inc(failed)
+        metrics.ARTIFACT_READ_BYTES.labels(PRODUCER).inc(
+            sum(len(body) for body in results if isinstance(body, bytes)))
         return results
 
     def read_small(self, namespace: str, digest: BlobDigest) -> bytes:
@@ -187,12 +182,12 @@ class ReapiCache:
                 self._count_write(result.created, len(data))
 
     def _count_write(self, created: bool, size: int) -> None:
-        self._writes["created" if created else "updated"].inc()
-        self._write_bytes.inc(size)
+        metrics.ARTIFACT_WRITES.labels(PRODUCER, "created" if created else "updated").inc()
+        metrics.ARTIFACT_WRITE_BYTES.labels(PRODUCER).inc(size)
 
     def note_existing_write(self) -> None:
         """A write skipped because the blob is already stored."""
-        self._writes["exists"].inc()
+        metrics.ARTIFACT_WRITES.labels(PRODUCER, "exists").inc()
 
     # -- action cache -------------------------------------------------------------
     def get_action_result(self, namespace: str, action: BlobDigest) -> bytes:
