@@ -172,18 +172,19 @@ def when_ready(server):
                     os.path.abspath(_settings.data_dir))
 
 
+def child_exit(server, worker):
+    """Master: a worker exited; forget its slot and its live metrics."""
+    forget_child(worker.pid)
+
+
 def forget_child(pid):
-    """Master: a process of the node exited; forget its slot and its live metrics."""
+    """Master: a process of the node exited (a worker, a REAPI process, the replicator);
+    forget its slot and its live metrics."""
     from prometheus_client import multiprocess
 
     if _node_state is not None:
         _node_state.release_pid(pid)
     multiprocess.mark_process_dead(pid)
-
-
-def child_exit(server, worker):
-    """Master: a worker exited (gunicorn's hook)."""
-    forget_child(worker.pid)
 
 
 def on_exit(server):
