@@ -145,6 +145,24 @@ def test_second_node_on_the_same_grpc_port_fails_to_start(node_factory) -> None:
     client.close()
 
 
+def test_nodes_on_other_addresses_may_use_the_same_grpc_port(node_factory) -> None:
+    """As pods of a StatefulSet on one host's loopback addresses: the guard looks only at
+    sockets whose address overlaps the node's own."""
+    first = node_factory("a", start=False, KURA_GRPC_WORKERS="2", KURA_BIND_HOST="127.0.0.2")
+    second = node_factory("b", start=False, KURA_GRPC_WORKERS="2", KURA_BIND_HOST="127.0.0.3",
+                          KURA_GRPC_PORT=first.env["KURA_GRPC_PORT"])
+    for node in (first, second):
+        node.start()
+        serving_reapi(node, 2)
+    for node in (first, second):
+        channel = grpc.insecure_channel(node.grpc_target)
+        try:
+            stub = Reapi(channel, int(node.env["KURA_GRPC_PORT"]))
+            assert stub.missing([digest_of(node.host.encode())]) == [digest_of(node.host.encode())]
+        finally:
+            channel.close()
+
+
 def _held_write(port: int, release: threading.Event, outcomes: list) -> None:
     blob = os.urandom(150_000)
     client = Reapi.connect(port, own_connection=True)
