@@ -5,8 +5,9 @@ processes (grpc and fork do not mix), which also keeps the clients from sharing
 one GIL: a cell at concurrency c runs c client processes, each with its own channel
 (its own connection, which the kernel hands to one of kura-py's KURA_GRPC_WORKERS
 REAPI processes). One Python client cannot saturate a server on the batch and
-ByteStream calls, so those cells run with several clients as well as with one. Blob contents are derived from a seed so the
-setup process and the load processes agree on digests without passing bytes.
+ByteStream calls, so those cells run with several clients as well as with one. Blob
+contents are derived from a seed so the setup process and the load processes agree on
+digests without passing bytes.
 """
 from __future__ import annotations
 

@@ -65,7 +65,8 @@ class ReapiCache:
         stored = [d for d in digests if not d.is_empty]
         found = self.store.lookup_many(PRODUCER, namespace, [d.cas_key for d in stored])
         # A size that differs from the digest's cannot happen for keys we wrote; never serve it.
-        readable = [item for d, item in zip(stored, found) if item is not None and item.size == d.size]
+        readable = [item for d, item in zip(stored, found)
+                    if item is not None and item.size == d.size]
         bodies = iter(self.store.read_many(readable))
         lookups = iter(found)
         results: list[bytes | KuraError] = []

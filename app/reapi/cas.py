@@ -122,7 +122,8 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
                 parsed.append(parse_digest(requested, "blob digest"))
             except BadRequest as exc:
                 parsed.append(exc)
-        bodies = iter(self.cache.read_many(namespace, [d for d in parsed if isinstance(d, BlobDigest)]))
+        bodies = iter(self.cache.read_many(namespace,
+                                           [d for d in parsed if isinstance(d, BlobDigest)]))
         response = re_pb2.BatchReadBlobsResponse()
         for requested, digest in zip(request.digests, parsed):
             item = response.responses.add(digest=requested)

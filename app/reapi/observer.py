@@ -143,10 +143,12 @@ class RpcObserver(grpc.ServerInterceptor):
         """Record one finished call in GRPC_REQUESTS and GRPC_DURATION."""
         requests = self._requests.get((method, code))
         if requests is None:
-            requests = self._requests[(method, code)] = metrics.GRPC_REQUESTS.labels(method, code.name)
+            requests = metrics.GRPC_REQUESTS.labels(method, code.name)
+            self._requests[(method, code)] = requests
         duration = self._durations.get(method)
         if duration is None:
-            duration = self._durations[method] = metrics.GRPC_DURATION.labels(method)
+            duration = metrics.GRPC_DURATION.labels(method)
+            self._durations[method] = duration
         requests.inc()
         duration.observe(elapsed)
 

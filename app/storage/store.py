@@ -169,7 +169,8 @@ class ArtifactStore:
             return None
         return manifest
 
-    def _located(self, txn: lmdb.Transaction, aid: bytes, tombstone: int | None = None) -> Located | None:
+    def _located(self, txn: lmdb.Transaction, aid: bytes,
+                 tombstone: int | None = None) -> Located | None:
         """``tombstone``: the artifact's namespace tombstone when the caller read it already."""
         if tombstone is None:
             manifest = self._visible(txn, aid)

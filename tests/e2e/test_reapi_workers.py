@@ -168,7 +168,8 @@ def _held_write(port: int, release: threading.Event, outcomes: list) -> None:
     client = Reapi.connect(port, own_connection=True)
 
     def messages() -> Iterator[bs_pb2.WriteRequest]:
-        yield bs_pb2.WriteRequest(resource_name=upload_resource(digest_of(blob)), data=blob[:50_000])
+        yield bs_pb2.WriteRequest(resource_name=upload_resource(digest_of(blob)),
+                                  data=blob[:50_000])
         release.wait(60)
         yield bs_pb2.WriteRequest(write_offset=50_000, data=blob[50_000:], finish_write=True)
 
