@@ -106,6 +106,25 @@ def test_killed_reapi_process_is_replaced_and_node_ready_again(node_factory) -> 
             one.close()
 
 
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_every_reapi_process_dies_with_a_killed_master(node_factory) -> None:
+    node = node_factory("orphans", KURA_GRPC_WORKERS="2")
+    pids = serving_reapi(node, 2)
+    node.process.kill()  # SIGKILL: the master runs no hook at all
+    node.process.wait(10)
+    deadline = time.monotonic() + 10
+    while not all(_gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, [pid for pid in pids if not _gone(pid)]
+        time.sleep(0.05)
+
+
 def test_port_shared_from_outside_holds_the_node_unready(node_factory) -> None:
     """The kernel lets any process of the same user join the port with SO_REUSEPORT: a REAPI
     process started while such a socket listens refuses to serve (it would split the
