@@ -9,7 +9,8 @@ Processes:
 - master (this file's hooks): data-directory lock, shared node state, drain, and
   supervision of the child processes below;
 - HTTP workers: ``app.http_worker.KuraGeventWorker`` (gevent), one Flask app each;
-- ``python -m app.reapi``: the REAPI gRPC server (threads, never gevent);
+- ``python -m app.reapi``: the REAPI gRPC servers (threads, never gevent), KURA_GRPC_WORKERS
+  of them sharing the gRPC port (``app.port_guard``);
 - ``python -m app.replication``: replicator, internal API, housekeeping.
 """
 import math
@@ -81,11 +82,21 @@ def on_starting(server):
     except DataDirLocked as exc:
         sys.stderr.write(f"kura: {exc}\n")
         sys.exit(1)
+    # The REAPI processes share the gRPC port (SO_REUSEPORT): only if nothing else has it.
+    from app.port_guard import describe, foreign_listeners
+
+    taken = foreign_listeners(_settings.bind_host, _settings.grpc_port, os.getpid())
+    if taken:
+        sys.stderr.write(f"kura: KURA_GRPC_PORT {_settings.grpc_port} is already in use "
+                         f"({describe(taken)}); another process must not share it\n")
+        _lock.release()
+        sys.exit(1)
     # Nothing of this node runs yet: per-run state and staged temp files are garbage.
     shutil.rmtree(os.path.join(_settings.resolved_tmp_dir, "staging"), ignore_errors=True)
     try:
-        # The workers, the REAPI process, the replicator and this master (extension metrics).
-        run_dir.prepare(_run_dir, processes=workers + 3, data_dir=_settings.data_dir,
+        # The workers, the REAPI processes, the replicator and this master (extension metrics).
+        run_dir.prepare(_run_dir, processes=workers + _settings.resolved_grpc_workers + 2,
+                        data_dir=_settings.data_dir,
                         tmp_dir=_settings.resolved_tmp_dir)
     except run_dir.RunDirError as exc:
         sys.stderr.write(f"kura: {exc}\n")
@@ -121,8 +132,11 @@ def when_ready(server):
     from app.http_worker import spawning_with_stop_signals_held
     from app.supervisor import ChildProcess, python_module
 
-    for name, module in (("reapi", "app.reapi"), ("replicator", "app.replication")):
-        child = ChildProcess(name, python_module(module))
+    grpc_workers = _settings.resolved_grpc_workers
+    reapi_argv = python_module("app.reapi") + (["--share-port"] if grpc_workers > 1 else [])
+    for child in [ChildProcess(f"reapi_{index}", reapi_argv, on_exit=forget_child)
+                  for index in range(grpc_workers)] + [
+            ChildProcess("replicator", python_module("app.replication"), on_exit=forget_child)]:
         child.start()
         _children.append(child)
 
@@ -154,8 +168,9 @@ def when_ready(server):
     manage_workers = server.manage_workers
     server.manage_workers = lambda: None if _drain.exiting else manage_workers()
     server.spawn_worker = spawning_with_stop_signals_held(server.spawn_worker)
-    server.log.info("event=node_ready http_port=%s grpc_port=%s data_dir=%s",
-                    _settings.port, _settings.grpc_port, os.path.abspath(_settings.data_dir))
+    server.log.info("event=node_ready http_port=%s grpc_port=%s grpc_workers=%d data_dir=%s",
+                    _settings.port, _settings.grpc_port, grpc_workers,
+                    os.path.abspath(_settings.data_dir))
 
 
 def post_request(worker, req, environ, resp):
@@ -168,11 +183,17 @@ def post_request(worker, req, environ, resp):
 
 def child_exit(server, worker):
     """Master: a worker exited; forget its slot and its live metrics."""
+    forget_child(worker.pid)
+
+
+def forget_child(pid):
+    """Master: a process of the node exited (a worker, a REAPI process, the replicator);
+    forget its slot and its live metrics."""
     from prometheus_client import multiprocess
 
     if _node_state is not None:
-        _node_state.release_pid(worker.pid)
-    multiprocess.mark_process_dead(worker.pid)
+        _node_state.release_pid(pid)
+    multiprocess.mark_process_dead(pid)
 
 
 def on_exit(server):

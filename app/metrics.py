@@ -92,9 +92,10 @@ MULTIPART_PARTS = Counter(
     "rejected, error)", ["result"])
 
 
-def artifact_read(producer: str, result: str, size: int = 0) -> None:
-    """One artifact read; ``size`` is the body about to be served (``ok`` only)."""
-    ARTIFACT_READS.labels(producer, result).inc()
+def artifact_read(producer: str, result: str, size: int = 0, *, count: int = 1) -> None:
+    """``count`` artifact reads (one unless a batch is counted at once); ``size`` is the
+    body bytes about to be served (``ok`` only)."""
+    ARTIFACT_READS.labels(producer, result).inc(count)
     if size > 0:
         ARTIFACT_READ_BYTES.labels(producer, result).inc(size)
 

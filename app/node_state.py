@@ -28,8 +28,9 @@ HEADER_FIELDS = (
     "master_pid",
 )
 HEADER_WORDS = 16
-SLOT_FIELDS = ("pid", "kind", "inflight", "tmp_bytes", "latency_ewma_us", "latency_sample_ms")
-SLOT_WORDS = 6
+SLOT_FIELDS = ("pid", "kind", "inflight", "tmp_bytes", "latency_ewma_us", "latency_sample_ms",
+               "serving")  # serving: a REAPI process listens and answers calls
+SLOT_WORDS = 7
 LATENCY_MAX_AGE_MS = 30_000  # an EWMA with no sample for this long no longer counts (as Kura)
 MAX_SLOTS = 128
 SIZE = 8 * (HEADER_WORDS + SLOT_WORDS * MAX_SLOTS)
@@ -150,6 +151,16 @@ class NodeState:
         self._words[base + 4] = sample if old <= 0 else (7 * old + sample) // 8
         self._words[base + 5] = int(time.time() * 1000)
 
+    def set_serving(self, serving: bool) -> None:
+        """Mark this process as serving (or not) in its slot: a REAPI process once its
+        server listens; the slot of a process that dies stops counting with it."""
+        base = self._own()
+        self._words[base + 6] = int(serving)
+
+    def serving(self, kind: int) -> int:
+        """How many live processes of ``kind`` are serving."""
+        return sum(1 for slot in self._live_slots() if slot[1] == kind and slot[6])
+
     def public_latency_ewma_ms(self) -> float:
         """The slowest recent public-latency EWMA of the node's HTTP and gRPC processes (0
         when none has a sample from the last ``LATENCY_MAX_AGE_MS``)."""
@@ -177,6 +188,10 @@ class NodeState:
 
     def inflight(self, kind: int | None = None) -> int:
         return sum(max(0, slot[2]) for slot in self._live_slots() if kind is None or slot[1] == kind)
+
+    def inflight_of(self, pid: int) -> int:
+        """Requests in flight in the live process ``pid`` (0 if it has no slot)."""
+        return sum(max(0, slot[2]) for slot in self._live_slots() if slot[0] == pid)
 
     def tmp_bytes(self) -> int:
         return sum(max(0, slot[3]) for slot in self._live_slots())

@@ -117,6 +117,7 @@ class Settings:
     # KURA_CONTROL_PLANE_* names, for example).
     kura_env: Mapping[str, str] = field(default_factory=dict)
     http_workers: int = 0  # 0: one gevent worker per core
+    grpc_workers: int = 0  # 0: one REAPI process per core
     worker_connections: int = 1000
     http_header_timeout_ms: int = 60_000  # a request head must arrive within this (nginx: 60 s)
     segment_max_bytes: int = 512 * MIB
@@ -147,6 +148,11 @@ class Settings:
     @property
     def resolved_http_workers(self) -> int:
         return self.http_workers or (os.cpu_count() or 1)
+
+    @property
+    def resolved_grpc_workers(self) -> int:
+        """REAPI processes the master runs (they share the gRPC port, app.port_guard)."""
+        return self.grpc_workers or (os.cpu_count() or 1)
 
     def with_overrides(self, **changes: Any) -> "Settings":
         return replace(self, **changes)
@@ -211,6 +217,7 @@ class Settings:
             "KURA_OTEL_SERVICE_NAME": ("otel_service_name", _parse_str),
             "KURA_OTEL_DEPLOYMENT_ENVIRONMENT": ("otel_deployment_environment", _parse_str),
             "KURA_HTTP_WORKERS": ("http_workers", _parse_int),
+            "KURA_GRPC_WORKERS": ("grpc_workers", _positive),
             "KURA_WORKER_CONNECTIONS": ("worker_connections", _positive),
             "KURA_HTTP_HEADER_TIMEOUT_MS": ("http_header_timeout_ms", _positive),
             "KURA_SEGMENT_MAX_BYTES": ("segment_max_bytes", _segment_size),

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from app.stop_signals import held
 
@@ -44,9 +44,12 @@ def _die_with_parent() -> None:
 class ChildProcess:
     """One supervised ``python -m ...`` process of the node."""
 
-    def __init__(self, name: str, argv: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str],
+                 on_exit: Callable[[int], None] | None = None) -> None:
         self.name = name
         self.argv = argv
+        # Called with the pid of every process of this child once it has exited (reaped).
+        self.on_exit = on_exit
         self.process: subprocess.Popen | None = None
         self.restarts = 0
         self._stopping = threading.Event()
@@ -84,6 +87,8 @@ class ChildProcess:
                     return
                 self._started.set()
                 code = self.process.wait()
+                if self.on_exit is not None:
+                    self.on_exit(self.process.pid)
                 if self._stopping.is_set():
                     log.info("event=child_stopped name=%s code=%s", self.name, code)
                     return

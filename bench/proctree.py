@@ -12,6 +12,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from app.port_guard import listeners, socket_inodes
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -73,35 +75,9 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def _listening_inodes(port: int) -> set[str]:
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as fh:
-                next(fh)
-                for line in fh:
-                    parts = line.split()
-                    local, state, inode = parts[1], parts[3], parts[9]
-                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                        inodes.add(inode)
-        except OSError:
-            continue
-    return inodes
-
-
 def holds_listener(pid: int, port: int) -> bool:
     """True if ``pid`` has a file descriptor on the listening socket of ``port``."""
-    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
-                    return True
-            except OSError:
-                continue
-    except OSError:
-        return False
-    return False
+    return not socket_inodes(pid).isdisjoint(item.inode for item in listeners(port))
 
 
 def http_workers(master: int, http_port: int, other_ports: tuple[int, ...] = ()) -> list[int]:

@@ -1,9 +1,13 @@
-"""REAPI cells: kura-py's gRPC process against BuildGrid, with one Python gRPC client.
+"""REAPI cells: kura-py's gRPC processes against BuildGrid, driven by client processes.
 
 The parent never imports grpc: setup and every client connection run in spawned
-processes (grpc and fork do not mix), which also keeps the client from sharing
-one GIL across connections. Blob contents are derived from a seed so the
-setup process and the load processes agree on digests without passing bytes.
+processes (grpc and fork do not mix), which also keeps the clients from sharing
+one GIL: a cell at concurrency c runs c client processes, each with its own channel
+(its own connection, which the kernel hands to one of kura-py's KURA_GRPC_WORKERS
+REAPI processes). One Python client cannot saturate a server on the batch and
+ByteStream calls, so those cells run with several clients as well as with one. Blob
+contents are derived from a seed so the setup process and the load processes agree on
+digests without passing bytes.
 """
 from __future__ import annotations
 
@@ -28,11 +32,11 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", 256 * MIB),
 OPERATIONS: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("GetActionResult", (1, 8)),
     ("UpdateActionResult", (1, 8)),
-    ("FindMissingBlobs(1000)", (1,)),
-    ("BatchUpdateBlobs(1000x4KiB)", (1,)),
-    ("BatchReadBlobs(1000x4KiB)", (1,)),
-    ("ByteStream.Write(64MiB)", (1,)),
-    ("ByteStream.Read(64MiB)", (1,)),
+    ("FindMissingBlobs(1000)", (1, 8)),
+    ("BatchUpdateBlobs(1000x4KiB)", (1, 4)),
+    ("BatchReadBlobs(1000x4KiB)", (1, 8)),
+    ("ByteStream.Write(64MiB)", (1, 4)),
+    ("ByteStream.Read(64MiB)", (1, 4)),
 )
 
 
@@ -336,9 +340,11 @@ def setup_target(target: ReapiTarget, seed: str, timeout_s: float = 300) -> Reap
     return outcome
 
 
-def max_calls_for(op: str, duration_s: float) -> int:
+def max_calls_for(op: str, duration_s: float, concurrency: int = 1) -> int:
+    """Calls one client may make. BatchUpdateBlobs builds new blobs for every call before the
+    window (4 MiB each): their total over all clients stays bounded."""
     if op == "BatchUpdateBlobs(1000x4KiB)":
-        return max(2, min(40, int(duration_s * 8)))
+        return max(2, min(40 // concurrency, int(duration_s * 8)))
     if op.startswith("ByteStream"):
         return max(2, min(60, int(duration_s * 12)))
     return 1_000_000
@@ -349,7 +355,7 @@ def measure(target: ReapiTarget, state: ReapiState, op: str, concurrency: int,
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(concurrency + 1)
     queue = ctx.Queue()
-    calls = max_calls_for(op, duration_s)
+    calls = max_calls_for(op, duration_s, concurrency)
     procs = [ctx.Process(target=_worker, args=(target, state, op, w, duration_s, calls, barrier,
                                                queue), daemon=True) for w in range(concurrency)]
     for proc in procs:

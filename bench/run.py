@@ -21,8 +21,8 @@ from typing import Any
 from bench import http_bench, reapi_bench, report, wrk_load
 from bench.http_bench import HttpTarget
 from bench.memory_bench import run_memory
-from bench.servers import (REPO, BuildGridServer, KuraNode, NginxServer, ServerFailed,
-                           machine_description, nginx_version)
+from bench.servers import (BUILDGRID_VERSION, REPO, BuildGridServer, KuraNode, NginxServer,
+                           ServerFailed, machine_description, nginx_version)
 from bench.startup_bench import run_startup
 from bench.stats import MIB
 
@@ -213,7 +213,8 @@ def _run_reapi_section(cfg: dict[str, Any], args: argparse.Namespace, workdir: P
             servers.append(bgd)
             ref = reapi_bench.ReapiTarget("buildgrid", f"127.0.0.1:{bgd.port}", bgd.pid)
             targets.append((ref, reapi_bench.setup_target(ref, seed)))
-            doc["references"]["buildgrid"] = "0.4.4 (bench/.venv-buildgrid), in-memory LRU CAS + AC"
+            doc["references"]["buildgrid"] = (f"{BUILDGRID_VERSION} (bench/.venv-buildgrid), "
+                                              "in-memory LRU CAS + AC")
         except (ServerFailed, RuntimeError) as exc:
             doc["notes"].append(f"BuildGrid reference skipped: {exc}")
             _log(f"BuildGrid reference skipped: {exc}")

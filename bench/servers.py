@@ -2,7 +2,9 @@
 
 - ``KuraNode``: ``gunicorn -c gunicorn.conf.py`` from the repository, temp data dir.
 - ``NginxServer``: nginx in the foreground with a generated config (sendfile on, WebDAV PUT).
-- ``BuildGridServer``: ``bgd server start`` from bench/.venv-buildgrid, in-memory CAS + AC.
+- ``BuildGridServer``: ``bgd server start`` from bench/.venv-buildgrid (current BuildGrid,
+  ``BUILDGRID_VERSION``, which needs Python >= 3.12: ``BuildGridServer.install()`` makes the
+  venv with such an interpreter), in-memory CAS + AC.
 
 Every server runs in its own session so that stopping it reaches its whole tree,
 and nothing else.
@@ -24,6 +26,9 @@ from bench.proctree import free_port, free_ports, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 BUILDGRID_VENV = REPO / "bench" / ".venv-buildgrid"
+# 0.4.4 was slower than current BuildGrid on FindMissingBlobs and so hid a ratio below 1.
+BUILDGRID_VERSION = "0.9.1"
+BUILDGRID_MIN_PYTHON = (3, 12)
 
 
 class ServerFailed(RuntimeError):
@@ -229,8 +234,33 @@ http {{
         self.put_dir.mkdir(parents=True, exist_ok=True)
 
 
+def _python_version(python: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    parts = out.stdout.split()
+    return (int(parts[0]), int(parts[1])) if out.returncode == 0 and len(parts) == 2 else None
+
+
+def buildgrid_python() -> str | None:
+    """An interpreter new enough for BuildGrid: $BENCH_BUILDGRID_PYTHON, python3.13/3.12 on
+    PATH, or a pyenv 3.12+ install."""
+    candidates = [os.environ.get("BENCH_BUILDGRID_PYTHON", ""), shutil.which("python3.13") or "",
+                  shutil.which("python3.12") or "", sys.executable]
+    pyenv = Path(os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))) / "versions"
+    if pyenv.is_dir():
+        candidates += [str(p / "bin" / "python") for p in sorted(pyenv.iterdir(), reverse=True)]
+    for python in filter(None, candidates):
+        version = _python_version(python)
+        if version is not None and version >= BUILDGRID_MIN_PYTHON:
+            return python
+    return None
+
+
 class BuildGridServer(ManagedProcess):
-    """BuildGrid 0.4.x as a cache-only REAPI server with in-memory CAS and action cache."""
+    """Current BuildGrid as a cache-only REAPI server with in-memory CAS and action cache."""
 
     def __init__(self, workdir: Path, memory_bytes: int = 6 * 1024 ** 3) -> None:
         super().__init__("buildgrid", workdir)
@@ -242,8 +272,33 @@ class BuildGridServer(ManagedProcess):
         return BUILDGRID_VENV / "bin" / "bgd"
 
     @classmethod
+    def installed_version(cls) -> str:
+        """The BuildGrid version in bench/.venv-buildgrid ("" when there is none)."""
+        python = BUILDGRID_VENV / "bin" / "python"
+        if not cls.executable().exists() or not python.exists():
+            return ""
+        out = subprocess.run([str(python), "-c", "import importlib.metadata as m; "
+                              "print(m.version('buildgrid'))"], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    @classmethod
     def installed(cls) -> bool:
-        return cls.executable().exists()
+        return cls.installed_version() == BUILDGRID_VERSION
+
+    @classmethod
+    def install(cls, log=print) -> None:  # type: ignore[no-untyped-def]
+        """(Re)create bench/.venv-buildgrid with BUILDGRID_VERSION unless it has it already."""
+        if cls.installed():
+            return
+        python = buildgrid_python()
+        if python is None:
+            raise ServerFailed("BuildGrid needs Python >= 3.12 and none was found "
+                               "(set BENCH_BUILDGRID_PYTHON to one)")
+        log(f"installing BuildGrid {BUILDGRID_VERSION} into {BUILDGRID_VENV} with {python}")
+        shutil.rmtree(BUILDGRID_VENV, ignore_errors=True)
+        subprocess.run([python, "-m", "venv", str(BUILDGRID_VENV)], check=True)
+        subprocess.run([str(BUILDGRID_VENV / "bin" / "pip"), "install", "-q",
+                        f"buildgrid=={BUILDGRID_VERSION}"], check=True)
 
     def config(self) -> str:
         return f"""
@@ -279,10 +334,11 @@ instances:
 """
 
     def start(self, timeout_s: float = 60.0) -> None:
-        if not self.installed():
-            raise ServerFailed(f"BuildGrid is not installed in {BUILDGRID_VENV} "
-                               "(python3 -m venv bench/.venv-buildgrid && "
-                               "bench/.venv-buildgrid/bin/pip install buildgrid==0.4.4)")
+        try:
+            self.install()
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise ServerFailed(f"BuildGrid {BUILDGRID_VERSION} could not be installed in "
+                               f"{BUILDGRID_VENV}: {exc}") from exc
         conf = self.workdir / "buildgrid.yml"
         conf.write_text(self.config())
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}

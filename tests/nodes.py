@@ -221,6 +221,8 @@ def make_node(base: Path, name: str = "node", **overrides: str) -> Node:
         "KURA_BIND_HOST": "127.0.0.1",
         "KURA_DATA_DIR": str(data_dir),
         "KURA_HTTP_WORKERS": "2",
+        # One REAPI process unless a test asks for more (tests/e2e/test_reapi_workers.py).
+        "KURA_GRPC_WORKERS": "1",
         "KURA_DRAIN_COMPLETION_TIMEOUT_MS": "10000",
     })
     env.update(overrides)

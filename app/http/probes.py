@@ -2,8 +2,8 @@
 
 The replicator decides readiness (``app.replication.readiness``) and publishes the mesh
 view; these routes combine it with what this process sees live (draining, in-flight
-counts, the writer lock) so the bodies match Kura's and its rollout gate and dashboards
-work unchanged.
+counts, the writer lock, the REAPI processes serving) so the bodies match Kura's and its
+rollout gate and dashboards work unchanged.
 """
 from __future__ import annotations
 
@@ -31,13 +31,15 @@ def _view() -> dict[str, Any]:
     draining = node.draining
     writer_lock = bool(node.get("writer_lock"))
     serving = bool(node.get("ready"))
-    ready = serving and writer_lock and not draining
+    reapi_serving = (node.serving(KIND_REAPI), svc.settings.resolved_grpc_workers)
+    ready = serving and writer_lock and not draining and reapi_serving[0] >= reapi_serving[1]
     state = STATE_DRAINING if draining else (STATE_SERVING if serving else STATE_JOINING)
     return {
         "snapshot": snapshot, "draining": draining, "writer_lock": writer_lock, "ready": ready,
         "state": state, "generation": node.get("generation"),
         "known": list(snapshot.get("known_peers", [])),
-        "reasons": reasons(snapshot, draining=draining, writer_lock=writer_lock, serving=serving),
+        "reasons": reasons(snapshot, draining=draining, writer_lock=writer_lock, serving=serving,
+                           reapi_serving=reapi_serving),
         "http_inflight": node.inflight(KIND_HTTP), "grpc_inflight": node.inflight(KIND_REAPI),
     }
 

@@ -36,10 +36,13 @@ MAX_PAGE_TOKEN = 10**12 - 1  # a position in the walk
 MAX_BATCH_DECOMPRESSED_BYTES = 16 * MAX_BATCH_TOTAL_SIZE_BYTES
 
 
+_OK = status_pb2.Status(code=grpc.StatusCode.OK.value[0])
+
+
 def _status(exc: BaseException | None = None) -> status_pb2.Status:
     """A batch entry's status; its message is bounded (the send limit counts on it)."""
     if exc is None:
-        return status_pb2.Status(code=grpc.StatusCode.OK.value[0])
+        return _OK
     code, message = status_for(exc)
     message = message.encode()[:MAX_STATUS_MESSAGE_BYTES].decode(errors="ignore")
     return status_pb2.Status(code=code.value[0], message=message)
@@ -133,19 +136,26 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
                              f"({MAX_BATCH_TOTAL_SIZE_BYTES})")
         # Compressors the client does not name, or this cache does not serve, are not used.
         zstd = to_enum(ZSTD) in request.acceptable_compressors
-        response = re_pb2.BatchReadBlobsResponse()
+        parsed: list[BlobDigest | BadRequest] = []
         for requested in request.digests:
-            item = response.responses.add(digest=requested)
             try:
-                data = self.cache.read_small(namespace, parse_digest(requested, "blob digest", function))
+                parsed.append(parse_digest(requested, "blob digest", function))
+            except BadRequest as exc:
+                parsed.append(exc)
+        bodies = iter(self.cache.read_many(namespace,
+                                           [d for d in parsed if isinstance(d, BlobDigest)]))
+        response = re_pb2.BatchReadBlobsResponse()
+        for requested, digest in zip(request.digests, parsed):
+            item = response.responses.add(digest=requested)
+            outcome = digest if isinstance(digest, BadRequest) else next(bodies)
+            if isinstance(outcome, bytes):
                 if zstd:
-                    item.data, item.compressor = compress(data), to_enum(ZSTD)
+                    item.data, item.compressor = compress(outcome), to_enum(ZSTD)
                 else:
-                    item.data = data
-            except KuraError as exc:
-                item.status.CopyFrom(_status(exc))
+                    item.data = outcome
+                item.status.CopyFrom(_OK)
             else:
-                item.status.CopyFrom(_status())
+                item.status.CopyFrom(_status(outcome))
         return response
 
     def GetTree(self, request: re_pb2.GetTreeRequest,

@@ -128,8 +128,7 @@ class _Call:
             return
         self.done = True
         elapsed = time.monotonic() - self.started
-        metrics.GRPC_REQUESTS.labels(self.method, code.name).inc()
-        metrics.GRPC_DURATION.labels(self.method).observe(elapsed)
+        self.observer.count(self.method, code, elapsed)
         if not self.probe:  # public calls only: bandwidth pacing (app.replication.pacing)
             self.observer.node_state.note_latency(elapsed)
         if self.span is not None:
@@ -174,6 +173,23 @@ class RpcObserver(grpc.ServerInterceptor):
 
     def __init__(self, node_state: NodeState) -> None:
         self.node_state = node_state
+        # Labelled metric children by (method, code) and method: labels() costs more than
+        # the cache calls it would time.
+        self._requests: dict[tuple[str, grpc.StatusCode], Any] = {}
+        self._durations: dict[str, Any] = {}
+
+    def count(self, method: str, code: grpc.StatusCode, elapsed: float) -> None:
+        """Record one finished call in GRPC_REQUESTS and GRPC_DURATION."""
+        requests = self._requests.get((method, code))
+        if requests is None:
+            requests = metrics.GRPC_REQUESTS.labels(method, code.name)
+            self._requests[(method, code)] = requests
+        duration = self._durations.get(method)
+        if duration is None:
+            duration = metrics.GRPC_DURATION.labels(method)
+            self._durations[method] = duration
+        requests.inc()
+        duration.observe(elapsed)
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:

@@ -5,9 +5,16 @@ is handed to every servicer through one ``ReapiCache``. The gRPC server is a
 plain thread pool: no gevent in this process. SIGTERM / SIGINT stop accepting
 new RPCs, let in-flight ones finish (bounded by KURA_DRAIN_COMPLETION_TIMEOUT_MS,
 capped at ``MAX_DRAIN_GRACE_S``), close the store and exit 0.
+
+The master runs ``KURA_GRPC_WORKERS`` of these processes. With more than one it
+passes ``--share-port``: each binds the gRPC port with SO_REUSEPORT (the kernel
+spreads connections over them) behind ``app.port_guard``, which refuses a port that
+a process outside the node listens on too. Each process marks itself serving in its
+node-state slot once it listens; ``/ready`` waits for all of them.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -18,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from app import port_guard
 from app.node_state import KIND_REAPI, NodeState, state_path
 from app.reapi.action_cache import ActionCacheService
 from app.reapi.bytestream import ByteStreamService
@@ -82,12 +90,13 @@ class ReapiServer:
         self.store.close()
 
 
-def server_options() -> list[tuple[str, int]]:
+def server_options(share_port: bool = False) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
-        # A second process on the same port must fail to bind, not share it silently.
-        ("grpc.so_reuseport", 0),
+        # Alone, a second process on the same port must fail to bind, not share it
+        # silently; the node's own REAPI processes share it behind app.port_guard.
+        ("grpc.so_reuseport", int(share_port)),
         # Bazel keeps channels open for a whole build; answer its keepalive pings.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -96,15 +105,16 @@ def server_options() -> list[tuple[str, int]]:
 
 def build_server(settings: Settings, store: ArtifactStore, node_state: NodeState, *,
                  host: str | None = None, port: int | None = None,
-                 max_workers: int = MAX_WORKERS) -> ReapiServer:
-    """Build, bind and start the gRPC server over ``store`` (port 0: pick a free one)."""
+                 max_workers: int = MAX_WORKERS, share_port: bool = False) -> ReapiServer:
+    """Build, bind and start the gRPC server over ``store`` (port 0: pick a free one).
+    ``share_port``: bind with SO_REUSEPORT (the caller guards the port)."""
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reapi")
     # The observer comes first: it counts and maps the denials the hooks raise.
     interceptors: list[grpc.ServerInterceptor] = [RpcObserver(node_state)]
     extensions = Extensions.from_settings(settings)
     if extensions is not None:
         interceptors.append(ExtensionsInterceptor(extensions, settings.tenant_id))
-    server = grpc.server(executor, interceptors=interceptors, options=server_options())
+    server = grpc.server(executor, interceptors=interceptors, options=server_options(share_port))
     cache = ReapiCache(store)
     re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(), server)
     re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(cache), server)
@@ -131,10 +141,43 @@ def build_server(settings: Settings, store: ArtifactStore, node_state: NodeState
     return ReapiServer(server, bound, store, health_servicer)
 
 
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m app.reapi")
+    parser.add_argument("--share-port", action="store_true",
+                        help="share the gRPC port with the other REAPI processes of the node "
+                             "(children of the same master), SO_REUSEPORT behind app.port_guard")
+    return parser.parse_args(argv)
+
+
+def _check_port(settings: Settings) -> None:
+    """Raise OSError when a process outside this node listens on the gRPC port too."""
+    foreign = port_guard.foreign_listeners(settings.bind_host, settings.grpc_port, os.getppid())
+    if foreign:
+        raise OSError("the gRPC port is also listened on by a process outside this node "
+                      f"({port_guard.describe(foreign)})")
+
+
+def _start(settings: Settings, store: ArtifactStore, node_state: NodeState,
+           share_port: bool) -> ReapiServer:
+    """Bind and start the server; a shared port is checked before binding and again after
+    (a process outside the node that bound in between is seen then)."""
+    if share_port:
+        _check_port(settings)
+    running = build_server(settings, store, node_state, share_port=share_port)
+    if share_port:
+        try:
+            _check_port(settings)
+        except OSError:
+            running.server.stop(None)
+            raise
+    return running
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the REAPI process until SIGTERM / SIGINT; returns the exit status."""
     from app import stop_signals
 
+    args = _parse_args(argv)
     stop = stop_signals.listen()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -150,15 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     node_state.claim_slot(KIND_REAPI)
     store = ArtifactStore(settings, node_state=node_state)
     try:
-        running = build_server(settings, store, node_state)
+        running = _start(settings, store, node_state, args.share_port)
     except OSError as exc:
         log.error("event=reapi_bind_failed port=%d message=%r", settings.grpc_port, str(exc))
         store.close()
         tracing.shutdown()
         return 1
+    node_state.set_serving(True)
 
-    log.info("event=reapi_listening port=%d host=%s pid=%d workers=%d data_dir=%s",
-             running.port, settings.bind_host, os.getpid(), MAX_WORKERS, settings.data_dir)
+    log.info("event=reapi_listening port=%d host=%s pid=%d threads=%d shared_port=%s data_dir=%s",
+             running.port, settings.bind_host, os.getpid(), MAX_WORKERS,
+             str(args.share_port).lower(), settings.data_dir)
 
     while not stop.wait(POLL_S):
         running.follow_drain(node_state.draining)
@@ -166,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     grace_s = min(settings.drain_completion_timeout_ms / 1000.0, MAX_DRAIN_GRACE_S)
     log.info("event=reapi_draining signal=%s grace_s=%.1f inflight=%d",
              stop.signal_name, grace_s, node_state.inflight(KIND_REAPI))
+    node_state.set_serving(False)
     running.stop(grace_s)
     node_state.release_pid(os.getpid())
     tracing.shutdown()  # exports the spans still queued (bounded)

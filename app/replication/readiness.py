@@ -33,6 +33,8 @@ REASON_DISCOVERY = "initial discovery incomplete"
 REASON_SETTLING = "discovery settling"
 REASON_BOOTSTRAP = "bootstrap in progress"
 REASON_INCOMPLETE = "bootstrap incomplete for {}"
+# kura-py: the node runs several REAPI processes; it is ready only when all of them serve.
+REASON_REAPI = "REAPI processes serving: {} of {}"
 
 
 @dataclass
@@ -258,11 +260,15 @@ def read_snapshot(run_dir: str) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def reasons(snapshot: dict[str, Any], *, draining: bool, writer_lock: bool, serving: bool) -> list[str]:
-    """Why the node is not ready, in Kura's words (empty when it is)."""
+def reasons(snapshot: dict[str, Any], *, draining: bool, writer_lock: bool, serving: bool,
+            reapi_serving: tuple[int, int] = (0, 0)) -> list[str]:
+    """Why the node is not ready, in Kura's words (empty when it is). ``reapi_serving``:
+    REAPI processes serving and expected."""
     out = []
     if not writer_lock:
         out.append(REASON_WRITER_LOCK)
+    if reapi_serving[0] < reapi_serving[1]:
+        out.append(REASON_REAPI.format(*reapi_serving))
     if draining:
         out.append(REASON_DRAINING)
     discovered = bool(snapshot.get("initial_discovery_completed"))

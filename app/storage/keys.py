@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Iterable
 
 from app.errors import BadRequest
 
@@ -16,9 +17,15 @@ _DECIMAL = re.compile(r"[0-9]+")
 
 def artifact_id(producer: str, tenant_id: str, namespace_id: str, key: str) -> bytes:
     """Raw 32-byte sha256 of ``producer \\0 tenant \\0 namespace \\0 key``."""
-    material = b"\0".join(
-        (producer.encode(), tenant_id.encode(), namespace_id.encode(), key.encode()))
-    return hashlib.sha256(material).digest()
+    return artifact_ids(producer, tenant_id, namespace_id, (key,))[0]
+
+
+def artifact_ids(producer: str, tenant_id: str, namespace_id: str,
+                 keys: Iterable[str]) -> list[bytes]:
+    """:func:`artifact_id` of each key of one namespace (the common prefix encoded once)."""
+    prefix = b"\0".join((producer.encode(), tenant_id.encode(), namespace_id.encode(), b""))
+    sha256 = hashlib.sha256
+    return [sha256(prefix + key.encode()).digest() for key in keys]
 
 
 def validate_component(value: str, what: str, *, allow_slash: bool = False,

@@ -13,6 +13,9 @@ MAX_STORED_HEADER_VALUE = 1024
 _HEADER_NAME = re.compile(r"[a-z0-9-]{1,64}")
 _HEADER_VALUE = re.compile(r"[\x20-\x7e]*")  # printable ASCII: nothing a response could split on
 
+_decode_json = json.JSONDecoder().decode
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds one per call
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -49,11 +52,11 @@ class Manifest:
             doc["o"] = self.origin
         if self.headers:
             doc["h"] = dict(self.headers)
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return _encode_json(doc).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> "Manifest":
-        doc = json.loads(raw)
+        doc = _decode_json(bytes(raw).decode())  # json.loads would sniff the encoding first
         return cls(producer=doc["p"], namespace_id=doc["n"], key=doc["k"],
                    content_type=doc["ct"], version_ms=doc["v"], size=doc["s"],
                    segment_id=doc.get("seg", 0), offset=doc.get("off", 0), origin=doc.get("o", ""),

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable, Sequence
 
 import lmdb
@@ -26,6 +26,7 @@ from app.errors import BudgetExhausted, NotFound
 from app.node_state import NodeState, state_path
 from app.settings import Settings
 from app.storage.keys import artifact_id as compute_artifact_id
+from app.storage.keys import artifact_ids as compute_artifact_ids
 from app.members import MemberList
 from app.storage.catalog import Catalog
 from app.storage.content_digests import SHA256
@@ -59,6 +60,17 @@ class Located:
     @property
     def size(self) -> int:
         return self.manifest.size
+
+
+@dataclass
+class _LocalWrites:
+    """Read once per write transaction for the local writes to one namespace."""
+
+    tombstone: int
+    peers: tuple[str, ...]
+    now_ms: int
+    ns_key: bytes
+    publishable: set[int] = field(default_factory=set)  # segments checked in this transaction
 
 
 # Outcomes of applying a change that came from a peer (metric label values, Kura's names).
@@ -147,6 +159,9 @@ class ArtifactStore:
     def artifact_id(self, producer: str, namespace_id: str, key: str) -> bytes:
         return compute_artifact_id(producer, self.tenant_id, namespace_id, key)
 
+    def artifact_ids(self, producer: str, namespace_id: str, keys: Iterable[str]) -> list[bytes]:
+        return compute_artifact_ids(producer, self.tenant_id, namespace_id, keys)
+
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
 
@@ -165,15 +180,26 @@ class ArtifactStore:
             return None
         return manifest
 
+    def _located(self, txn: lmdb.Transaction, aid: bytes,
+                 tombstone: int | None = None) -> Located | None:
+        """``tombstone``: the artifact's namespace tombstone when the caller read it already."""
+        if tombstone is None:
+            manifest = self._visible(txn, aid)
+        else:
+            raw = txn.get(aid, db=self.dbs.manifests)
+            manifest = None if raw is None else Manifest.decode(raw)
+            if manifest is not None and manifest.version_ms <= tombstone:
+                manifest = None
+        if manifest is None:
+            return None
+        if not manifest.inline:
+            return Located(aid, manifest)
+        body = txn.get(aid, db=self.dbs.inline)
+        return None if body is None else Located(aid, manifest, body)
+
     def lookup_id(self, aid: bytes) -> Located | None:
         with self.env.begin(buffers=False) as txn:
-            manifest = self._visible(txn, aid)
-            if manifest is None:
-                return None
-            body = txn.get(aid, db=self.dbs.inline) if manifest.inline else None
-        if manifest.inline and body is None:
-            return None
-        return Located(aid, manifest, body)
+            return self._located(txn, aid)
 
     def manifest_for(self, aid: bytes) -> Manifest | None:
         """The stored manifest of ``aid`` if it is visible (not behind a namespace tombstone)."""
@@ -188,14 +214,24 @@ class ArtifactStore:
         with self.env.begin() as txn:
             return self._visible(txn, aid) is not None
 
+    def lookup_many(self, producer: str, namespace_id: str,
+                    keys: Sequence[str]) -> list[Located | None]:
+        """:meth:`lookup` of each key, in one read transaction."""
+        aids = self.artifact_ids(producer, namespace_id, keys)
+        with self.env.begin(buffers=False) as txn:
+            tombstone = self._tombstone(txn, self.dbs, namespace_id)
+            return [self._located(txn, aid, tombstone) for aid in aids]
+
     def missing(self, producer: str, namespace_id: str, keys: Sequence[str]) -> list[str]:
         """The subset of ``keys`` with no visible artifact, in one read transaction."""
+        aids = self.artifact_ids(producer, namespace_id, keys)
         absent = []
         with self.env.begin() as txn:
             tomb = self._tombstone(txn, self.dbs, namespace_id)
+            get = txn.get
             manifests = self.dbs.manifests
-            for key in keys:
-                raw = txn.get(self.artifact_id(producer, namespace_id, key), db=manifests)
+            for key, aid in zip(keys, aids):
+                raw = get(aid, db=manifests)
                 # Without a tombstone every stored manifest is visible: no need to decode it.
                 if raw is None or (tomb and Manifest.decode(raw).version_ms <= tomb):
                     absent.append(key)
@@ -247,6 +283,44 @@ class ArtifactStore:
         if len(data) != length:
             raise NotFound("Artifact not found")
         return data
+
+    def read_many(self, located: Sequence[Located]) -> list[bytes | NotFound]:
+        """The whole bodies of small artifacts (batch reads): each segment is opened once
+        for all the bodies in it. A body that cannot be read is NotFound in its place."""
+        out: list[bytes | NotFound] = [b""] * len(located)
+        by_segment: dict[int, list[int]] = {}
+        for index, item in enumerate(located):
+            if item.inline_body is not None:
+                out[index] = item.inline_body
+            elif item.size:
+                by_segment.setdefault(item.manifest.segment_id, []).append(index)
+        for segment_id, indexes in by_segment.items():
+            try:
+                fd = os.open(segment_path(self.segments_dir, segment_id), os.O_RDONLY)
+            except FileNotFoundError:
+                # Evicted since the lookup: each body is looked up again (it may have been
+                # copied forward) and read on its own.
+                for index in indexes:
+                    out[index] = self._read_or_missing(located[index])
+                continue
+            except OSError as exc:
+                raise_if_disk_full(exc)
+                raise
+            try:
+                for index in indexes:
+                    item = located[index]
+                    data = os.pread(fd, item.size, item.manifest.offset)
+                    self._note_read(item)
+                    out[index] = data if len(data) == item.size else NotFound("Artifact not found")
+            finally:
+                os.close(fd)
+        return out
+
+    def _read_or_missing(self, located: Located) -> bytes | NotFound:
+        try:
+            return self.read_bytes(located)
+        except NotFound as exc:
+            return exc
 
     def _note_read(self, located: Located) -> None:
         """Remember an artifact read from one of the oldest segments, so eviction copies it
@@ -342,20 +416,21 @@ class ArtifactStore:
         if not items:
             return []
         datas = [data for _, data in items]
+        aids = self.artifact_ids(producer, namespace_id, [key for key, _ in items])
         seg_id, base = self.segments.append_bytes(b"".join(datas)) if any(datas) else (0, 0)
         results = []
         offset = base
         # Must not yield while this write transaction is open.
         with write_txn(self.env) as txn:
-            for key, data in items:
-                aid = self.artifact_id(producer, namespace_id, key)
+            local = self._local_writes(txn, namespace_id)
+            for (key, data), aid in zip(items, aids):
                 if data:
                     manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data),
                                         seg_id, offset)
-                    results.append(self._commit_in(txn, aid, manifest, None, None))
+                    results.append(self._commit_in(txn, aid, manifest, None, None, local))
                 else:
                     manifest = Manifest(producer, namespace_id, key, content_type, 0, 0)
-                    results.append(self._commit_in(txn, aid, manifest, b"", None))
+                    results.append(self._commit_in(txn, aid, manifest, b"", None, local))
                 offset += len(data)
         return results
 
@@ -376,47 +451,64 @@ class ArtifactStore:
             return IGNORED_STALE
         return APPLIED
 
+    def _local_writes(self, txn: lmdb.Transaction, namespace_id: str) -> _LocalWrites:
+        """What the local writes to ``namespace_id`` in this write transaction share; raises
+        BudgetExhausted when the outbox is full."""
+        peers = self.peers
+        if peers:
+            self.outbox.raise_if_full(txn)
+        return _LocalWrites(self._tombstone(txn, self.dbs, namespace_id), peers, self.now_ms(),
+                            namespace_key(namespace_id))
+
     def _commit_in(self, txn: lmdb.Transaction, aid: bytes, manifest: Manifest,
-                   inline_body: bytes | None, replicated: tuple[int, str] | None) -> WriteResult:
+                   inline_body: bytes | None, replicated: tuple[int, str] | None,
+                   local: _LocalWrites | None = None) -> WriteResult:
         """Manifest + indexes + outbox rows for one artifact, inside the caller's write txn.
 
         ``replicated`` is the ``(version_ms, origin)`` a peer gave this version: it is
         applied only if it wins last-writer-wins, and it creates no outbox rows (full
-        mesh: the origin sends it to every peer itself)."""
+        mesh: the origin sends it to every peer itself). ``local``: for a local write, what
+        the caller's other writes to the same namespace in this transaction read already."""
         dbs = self.dbs
         ns = manifest.namespace_id
         old_raw = txn.get(aid, db=dbs.manifests)
         old = Manifest.decode(old_raw) if old_raw else None
-        tomb = self._tombstone(txn, dbs, ns)
-        old_visible = old is not None and old.version_ms > tomb
         if replicated is not None:
+            tomb = self._tombstone(txn, dbs, ns)
             outcome = self._replicated_outcome(txn, aid, ns, replicated)
             if outcome != APPLIED:
                 return WriteResult(aid, False, old.version_ms if old else tomb, outcome)
             manifest = manifest.versioned(*replicated)
+            ns_key = namespace_key(ns)
         else:
-            peers = self.peers
-            if peers:
-                self.outbox.raise_if_full(txn)
-            version = max(self.now_ms(), (old.version_ms + 1) if old else 0, tomb + 1)
+            local = local or self._local_writes(txn, ns)
+            tomb = local.tombstone
+            version = max(local.now_ms, (old.version_ms + 1) if old else 0, tomb + 1)
             manifest = manifest.versioned(version, self.node_url)
-        if manifest.segment_id and not publishable(txn, dbs, manifest.segment_id):
-            # The evictor took the segment between the append and this commit (it was the
-            # oldest and the disk needed its space): publishing would point at nothing.
-            metrics.BACKPRESSURE.labels("disk").inc()
-            raise BudgetExhausted(DISK_FULL_MESSAGE, retry_after_s=1)
+            ns_key = local.ns_key
+        old_visible = old is not None and old.version_ms > tomb
+        segment_id = manifest.segment_id
+        if segment_id and not (local is not None and segment_id in local.publishable):
+            if not publishable(txn, dbs, segment_id):
+                # The evictor took the segment between the append and this commit (it was the
+                # oldest and the disk needed its space): publishing would point at nothing.
+                metrics.BACKPRESSURE.labels("disk").inc()
+                raise BudgetExhausted(DISK_FULL_MESSAGE, retry_after_s=1)
+            if local is not None:
+                local.publishable.add(segment_id)
         txn.put(aid, manifest.encode(), db=dbs.manifests)
-        txn.put(namespace_key(ns) + aid, b"", db=dbs.ns_index)
-        if old is not None and old.segment_id and old.segment_id != manifest.segment_id:
+        txn.put(ns_key + aid, b"", db=dbs.ns_index)
+        if old is not None and old.segment_id and old.segment_id != segment_id:
             txn.delete(u64(old.segment_id) + aid, db=dbs.segment_index)
-        if manifest.segment_id:
-            txn.put(u64(manifest.segment_id) + aid, b"", db=dbs.segment_index)
+        if segment_id:
+            txn.put(u64(segment_id) + aid, b"", db=dbs.segment_index)
             txn.delete(aid, db=dbs.inline)
         else:
             txn.put(aid, inline_body or b"", db=dbs.inline)
         txn.delete(aid, db=dbs.hot)
-        if replicated is None:
-            self.outbox.enqueue(txn, peers, {"op": "put", "aid": aid.hex(), "v": manifest.version_ms})
+        if local is not None:
+            self.outbox.enqueue(txn, local.peers,
+                                {"op": "put", "aid": aid.hex(), "v": manifest.version_ms})
         return WriteResult(aid, not old_visible, manifest.version_ms)
 
     def replicated_outcomes(self, items: Sequence[ReplicatedArtifact],

@@ -42,7 +42,7 @@ PASSED_THROUGH_PREFIXES = ("KURA_ANALYTICS_",)
 EVERYTHING: dict[str, Any] = {
     "replicaCount": 4,
     "config": {
-        "tenantId": "acme", "region": "eu-west-1", "logLevel": "debug", "httpWorkers": 4,
+        "tenantId": "acme", "region": "eu-west-1", "logLevel": "debug", "httpWorkers": 4, "grpcWorkers": 3,
         "workerConnections": 500, "httpHeaderTimeoutMs": 20_000, "tmpDirMaxBytes": 1 << 30, "casCapacityBytes": 50 << 30,
         "multipartUploadTtlMs": 3_600_000, "segmentMaxBytes": 64 << 20, "lmdbMapSize": 8 << 30,
         "extraSeedPeers": ["https://edge-0.example.net:7443"],
@@ -302,6 +302,7 @@ def test_values_defaults_are_the_node_defaults() -> None:
     env = pod_env(statefulset(), 0)
     settings = Settings.from_env(env)
     assert settings.tenant_id == DEFAULTS.tenant_id and settings.http_workers == config["httpWorkers"]
+    assert settings.grpc_workers == config["grpcWorkers"]
 
 
 def test_every_node_setting_has_a_chart_value(tmp_path: Path) -> None:

@@ -1,8 +1,29 @@
 """Probes, metrics, internal routes, backpressure and draining on the public app."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
 from app.replication.readiness import publish
 from app.settings import Settings
+from bench.proctree import free_port
+from tests.reapi.reapi_process import ReapiProcess
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=str(tmp_path / "data"), node_url="http://self:7443", grpc_workers=1)
+
+
+@pytest.fixture
+def reapi_process(settings: Settings, tmp_path: Path) -> Iterator[ReapiProcess]:
+    """The node's one REAPI process (``python -m app.reapi`` on the same data directory)."""
+    proc = ReapiProcess(Path(settings.data_dir), free_port(), tmp_path / "reapi.log")
+    proc.wait_listening()
+    yield proc
+    proc.stop()
 
 
 def test_up_document_of_a_single_node(client, settings: Settings) -> None:
@@ -15,11 +36,26 @@ def test_up_document_of_a_single_node(client, settings: Settings) -> None:
     }
 
 
-def test_ready_follows_the_replicator_and_the_writer_lock(client, app, settings: Settings) -> None:
+def test_ready_follows_the_replicator_the_writer_lock_and_reapi(client, app, settings: Settings,
+                                                                tmp_path: Path) -> None:
     node = app.extensions["kura"].node_state
     r = client.get("/ready")
     assert r.status_code == 503 and r.json["state"] == "joining" and r.json["status"] == "not_ready"
-    assert r.json["reasons"] == ["writer lock not held", "initial discovery incomplete"]
+    assert r.json["reasons"] == ["writer lock not held", "REAPI processes serving: 0 of 1",
+                                 "initial discovery incomplete"]
+    reapi = ReapiProcess(Path(settings.data_dir), free_port(), tmp_path / "reapi.log")
+    try:
+        reapi.wait_listening()
+        assert client.get("/ready").json["reasons"] == ["writer lock not held",
+                                                        "initial discovery incomplete"]
+        _ready_once_replicator_and_lock_agree(client, node, settings)
+    finally:
+        reapi.stop()
+    r = client.get("/ready")
+    assert r.status_code == 503 and r.json["reasons"] == ["REAPI processes serving: 0 of 1"]
+
+
+def _ready_once_replicator_and_lock_agree(client, node, settings: Settings) -> None:
     node.set("writer_lock", 1)
     publish(settings.resolved_run_dir, {"generation": 1, "initial_discovery_completed": True,
                                 "settle_until_ms": 0, "known_peers": ["http://b:1"],
@@ -43,7 +79,7 @@ def test_ready_follows_the_replicator_and_the_writer_lock(client, app, settings:
         (True, "serving", 2, 1, 0, 1, 0, 0, 0)
 
 
-def test_draining_answers_503_except_probes(client, app, settings: Settings) -> None:
+def test_draining_answers_503_except_probes(client, app, settings: Settings, reapi_process) -> None:
     node = app.extensions["kura"].node_state
     publish(settings.resolved_run_dir, {"generation": 1, "initial_discovery_completed": True})
     node.set("ready", 1)

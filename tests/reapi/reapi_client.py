@@ -49,12 +49,15 @@ class Reapi:
     port: int
 
     @classmethod
-    def connect(cls, port: int) -> "Reapi":
+    def connect(cls, port: int, own_connection: bool = False) -> "Reapi":
+        """``own_connection``: never share a connection with other channels to the port
+        (grpcio does by default), so each client reaches a REAPI process of its own choosing."""
         channel = grpc.insecure_channel(
             f"127.0.0.1:{port}",
             # As large as the server may send and as large as it accepts.
             options=[("grpc.max_receive_message_length", MAX_SEND_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_RECEIVE_MESSAGE_BYTES)])
+                     ("grpc.max_send_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+                     ("grpc.use_local_subchannel_pool", int(own_connection))])
         return cls(channel, port)
 
     @property

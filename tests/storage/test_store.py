@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from app.errors import BudgetExhausted, DigestMismatch, TooLarge, TruncatedBody
+from app.errors import BudgetExhausted, DigestMismatch, NotFound, TooLarge, TruncatedBody
 from app.members import write_members
 from app.settings import Settings
 from app.storage.eviction import Evictor
@@ -118,6 +118,31 @@ def test_eviction_drops_oldest_segment_but_copies_forward_what_was_read(settings
     assert body(store, "k0") == bytes([0]) * 40_000, "hot artifact must survive eviction"
     assert store.lookup("gradle", "", "k1") is None, "cold oldest artifact is evicted"
     assert body(store, "k11") == bytes([11]) * 40_000
+    store.close()
+
+
+def test_read_many_reads_each_segment_once_and_follows_eviction(settings: Settings) -> None:
+    """Batch reads (BatchReadBlobs): bodies located before an eviction are still served
+    when they were copied forward, NotFound in their place when they are gone."""
+    store = ArtifactStore(settings.with_overrides(segment_max_bytes=64 * 1024))
+    for i in range(12):
+        put(store, f"k{i}", bytes([i]) * 40_000)  # one artifact per segment
+    store.put_bytes("gradle", "", "small", b"inline body")
+    keys = ["k0", "k1", "small", "k11", "absent"]
+    located = store.lookup_many("gradle", "", keys)
+    assert located[4] is None and located[2].inline_body == b"inline body"
+    assert store.read_many(located[:4]) == [bytes([0]) * 40_000, bytes([1]) * 40_000,
+                                            b"inline body", bytes([11]) * 40_000]
+
+    evictor = Evictor(store, capacity_bytes=6 * 40_000)
+    evictor._update_hot_watermark(evictor._segments())
+    store._hot_checked = 0
+    assert body(store, "k0") == bytes([0]) * 40_000  # hot: copied forward by the eviction
+    store.flush_read_marks()
+    assert evictor.run_once() >= 6
+    k0, k1, small, k11 = store.read_many(located[:4])
+    assert (k0, small, k11) == (bytes([0]) * 40_000, b"inline body", bytes([11]) * 40_000)
+    assert isinstance(k1, NotFound)
     store.close()
 
 

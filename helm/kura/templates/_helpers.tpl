@@ -111,6 +111,7 @@ node's default. This table is the one place a config.* key meets its variable.
 {{- $settings := dict
     "KURA_LOG_LEVEL" $c.logLevel
     "KURA_HTTP_WORKERS" $c.httpWorkers
+    "KURA_GRPC_WORKERS" $c.grpcWorkers
     "KURA_WORKER_CONNECTIONS" $c.workerConnections
     "KURA_HTTP_HEADER_TIMEOUT_MS" $c.httpHeaderTimeoutMs
     "KURA_TMP_DIR_MAX_BYTES" $c.tmpDirMaxBytes
