@@ -147,7 +147,7 @@ def test_disk_full_is_429_and_leaves_nothing(client, app, monkeypatch) -> None:
     def no_space(*_args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(segments, "_copy_and_sync", no_space)
+    monkeypatch.setattr(segments, "_copy", no_space)  # every body copy into a segment
     r = client.put("/api/cache/gradle/full?tenant_id=a", data=b"x" * 10_000)
     assert r.status_code == 429
     assert "disk is full" in r.json["message"] and r.headers["Retry-After"]
