@@ -37,7 +37,8 @@ ARTIFACT_WRITE_BYTES = Counter(
 SERVING_PATHS = Counter(
     "kura_artifact_serving_paths_total",
     "How each download was served: sendfile (zero-copy from the segment), pread (small body read "
-    "whole), inline (from LMDB), copy (user-space fallback)", ["path"])
+    "whole), inline (from LMDB), read (segment reads where sendfile cannot go: HTTP/2, TLS), "
+    "copy (user-space fallback)", ["path"])
 SEGMENTS_CREATED = Counter("kura_segments_created_total", "Segment files created")
 SEGMENT_ROTATIONS = Counter("kura_segment_rotations_total", "Active segments sealed and rotated")
 EVICTED_SEGMENTS = Counter("kura_eviction_segments_total", "Segments evicted (unlinked) for capacity")
