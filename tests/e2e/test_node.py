@@ -28,54 +28,63 @@ def metric(node, name: str) -> float:
     return total
 
 
-def test_every_route_through_the_real_node(node) -> None:
+def test_every_route_through_the_real_node(node, web) -> None:
     u = node.url
-    assert requests.get(u + "/up").json()["tenant_id"] == "default"
-    assert requests.get(u + "/ready").status_code == 200
-    assert requests.get(u + "/status/rollout").json()["state"] == "serving"
-    assert requests.post(f"{u}/api/cache/cas/c1?{T}", data=b"cas").status_code == 204
-    assert requests.get(f"{u}/api/cache/cas/c1?{T}").content == b"cas"
-    assert requests.put(f"{u}/api/cache/keyvalue?{T}",
-                        json={"cas_id": "c1", "entries": [{"value": "v"}]}).status_code == 204
-    assert requests.get(f"{u}/api/cache/keyvalue/c1?{T}").json() == {"entries": [{"value": "v"}]}
-    start = requests.post(f"{u}/api/cache/module/start?{T}&hash=h&name=n").json()
-    assert requests.post(f"{u}/api/cache/module/part?{T}&upload_id={start['upload_id']}&part_number=1",
-                         data=b"mod").status_code == 204
-    assert requests.post(f"{u}/api/cache/module/complete?{T}&upload_id={start['upload_id']}",
-                         json={"parts": [1]}).status_code == 204
-    assert requests.head(f"{u}/api/cache/module/x?{T}&hash=h&name=n").status_code == 204
-    assert requests.get(f"{u}/api/cache/module/x?{T}&hash=h&name=n").content == b"mod"
-    assert requests.put(f"{u}/api/cache/gradle/g1?{T}", data=b"gr").status_code == 201
-    assert requests.get(f"{u}/gradle/acme/_/g1").content == b"gr"
-    assert requests.put(f"{u}/v1/cache/n1", data=b"nx").status_code == 200
-    assert requests.get(f"{u}/v1/cache/n1").content == b"nx"
-    assert requests.put(f"{u}/api/metro/cache/m1", data=b"metro").status_code == 200
-    assert requests.get(f"{u}/api/metro/cache/m1").content == b"metro"
-    assert requests.delete(f"{u}/api/cache/clean?{T}").status_code == 204
-    assert requests.get(f"{u}/api/cache/gradle/g1?{T}").status_code == 404
-    r = requests.get(u + "/_internal/status")
+    up = web.get(u + "/up")
+    assert up.http_version == web.http_version and up.json()["tenant_id"] == "default"
+    assert web.get(u + "/ready").status_code == 200
+    assert web.get(u + "/status/rollout").json()["state"] == "serving"
+    assert web.post(f"{u}/api/cache/cas/c1?{T}", content=b"cas").status_code == 204
+    assert web.get(f"{u}/api/cache/cas/c1?{T}").content == b"cas"
+    assert web.put(f"{u}/api/cache/keyvalue?{T}",
+                   json={"cas_id": "c1", "entries": [{"value": "v"}]}).status_code == 204
+    assert web.get(f"{u}/api/cache/keyvalue/c1?{T}").json() == {"entries": [{"value": "v"}]}
+    start = web.post(f"{u}/api/cache/module/start?{T}&hash=h&name=n").json()
+    assert web.post(f"{u}/api/cache/module/part?{T}&upload_id={start['upload_id']}&part_number=1",
+                    content=b"mod").status_code == 204
+    assert web.post(f"{u}/api/cache/module/complete?{T}&upload_id={start['upload_id']}",
+                    json={"parts": [1]}).status_code == 204
+    assert web.head(f"{u}/api/cache/module/x?{T}&hash=h&name=n").status_code == 204
+    assert web.get(f"{u}/api/cache/module/x?{T}&hash=h&name=n").content == b"mod"
+    assert web.put(f"{u}/api/cache/gradle/g1?{T}", content=b"gr").status_code == 201
+    assert web.get(f"{u}/gradle/acme/_/g1").content == b"gr"
+    assert web.put(f"{u}/v1/cache/n1", content=b"nx").status_code == 200
+    assert web.get(f"{u}/v1/cache/n1").content == b"nx"
+    assert web.put(f"{u}/api/metro/cache/m1", content=b"metro").status_code == 200
+    assert web.get(f"{u}/api/metro/cache/m1").content == b"metro"
+    assert web.delete(f"{u}/api/cache/clean?{T}").status_code == 204
+    assert web.get(f"{u}/api/cache/gradle/g1?{T}").status_code == 404
+    r = web.get(u + "/_internal/status")
     assert r.status_code == 404 and r.json() == {"message": "Not found"}
+    wrong = web.request("PATCH", f"{u}/api/cache/gradle/g1?{T}")
+    assert wrong.status_code == 405 and "GET" in wrong.headers["Allow"]
+    assert wrong.json()["message"]
+    # The internal plane is the replicator's HTTP/1.1 server, not the public port.
     assert requests.get(node.internal_url + "/_internal/status").json()["tenant_id"] == "default"
+    assert web.get(f"{u}/metrics").text.count("kura_http_requests_total{") > 0
 
 
-def test_chunked_upload_without_content_length(node) -> None:
+def test_upload_without_content_length(node, web) -> None:
+    """Metro's uploads: HTTP/1.1 chunked, HTTP/2 DATA frames with no content-length."""
     chunks = [os.urandom(100_000) for _ in range(20)]
-    r = requests.put(f"{node.url}/api/metro/cache/chunky", data=iter(chunks))
-    assert r.status_code == 200
-    assert requests.get(f"{node.url}/api/metro/cache/chunky").content == b"".join(chunks)
+    r = web.put(f"{node.url}/api/metro/cache/chunky", content=iter(chunks))
+    assert r.status_code == 200 and r.http_version == web.http_version
+    assert web.get(f"{node.url}/api/metro/cache/chunky").content == b"".join(chunks)
 
 
-def test_64_mib_round_trip_goes_through_sendfile(node) -> None:
+def test_64_mib_round_trip(node, web) -> None:
+    """HTTP/1.1 sends a large hit with sendfile; HTTP/2 must frame it, from segment reads."""
+    path = "sendfile" if web.http_version == "HTTP/1.1" else "read"
     data = os.urandom(64 * 1024 * 1024)
-    before = metric(node, 'kura_artifact_serving_paths_total{path="sendfile"}')
-    assert requests.put(f"{node.url}/api/cache/gradle/big?{T}", data=data).status_code == 201
-    r = requests.get(f"{node.url}/api/cache/gradle/big?{T}", stream=True)
-    assert r.headers["Content-Length"] == str(len(data))
+    before = metric(node, f'kura_artifact_serving_paths_total{{path="{path}"}}')
+    assert web.put(f"{node.url}/api/cache/gradle/big?{T}", content=data).status_code == 201
     digest = hashlib.sha256()
-    for chunk in r.iter_content(1024 * 1024):
-        digest.update(chunk)
+    with web.stream("GET", f"{node.url}/api/cache/gradle/big?{T}") as r:
+        assert r.headers["Content-Length"] == str(len(data))
+        for chunk in r.iter_bytes(1024 * 1024):
+            digest.update(chunk)
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
-    assert metric(node, 'kura_artifact_serving_paths_total{path="sendfile"}') == before + 1
+    assert metric(node, f'kura_artifact_serving_paths_total{{path="{path}"}}') == before + 1
 
 
 def test_50_concurrent_uploads_and_reads(node) -> None:
