@@ -242,51 +242,56 @@ def test_broken_hook_script_fails_at_start_naming_the_variable(tmp_path) -> None
     assert "KURA_EXTENSION_SCRIPT_PATH" in proc.stderr
 
 
-def test_hooks_guard_the_real_node(node_factory) -> None:
+def test_hooks_guard_the_real_node(node_factory, web) -> None:
     script = REPO / "examples" / "hooks" / "static_tokens.lua"
     node = node_factory("hooked", KURA_EXTENSION_SCRIPT_PATH=str(script),
                         KURA_EXTENSION_STATIC_READ_TOKENS="ro", KURA_EXTENSION_STATIC_WRITE_TOKENS="rw")
     url = f"{node.url}/api/cache/gradle/k?{T}"
-    assert requests.put(url, data=b"v", headers={"Authorization": "Bearer ro"}).status_code == 403
-    assert requests.put(url, data=b"v", headers={"Authorization": "Bearer rw"}).status_code == 201
-    assert requests.get(url, headers={"Authorization": "Bearer ro"}).content == b"v"
-    assert requests.get(url).status_code == 401
-    assert requests.get(node.url + "/up").status_code == 200
+    assert web.put(url, content=b"v", headers={"Authorization": "Bearer ro"}).status_code == 403
+    assert web.put(url, content=b"v", headers={"Authorization": "Bearer rw"}).status_code == 201
+    read = web.get(url, headers={"Authorization": "Bearer ro"})
+    assert read.content == b"v" and read.http_version == web.http_version
+    assert web.get(url).status_code == 401
+    assert web.get(node.url + "/up").status_code == 200
 
 
-def test_download_fast_path_agrees_with_the_blueprints(node) -> None:
+def test_download_fast_path_agrees_with_the_blueprints(node, web) -> None:
     u = node.url
-    requests.put(f"{u}/api/cache/keyvalue?{T}", json={"cas_id": "kv", "entries": [{"value": "v"}]})
-    requests.post(f"{u}/api/cache/cas/c?{T}&namespace_id=p", data=b"c" * 10, headers={"Content-Type": "x/y"})
+    web.put(f"{u}/api/cache/keyvalue?{T}", json={"cas_id": "kv", "entries": [{"value": "v"}]})
+    web.post(f"{u}/api/cache/cas/c?{T}&namespace_id=p", content=b"c" * 10, headers={"Content-Type": "x/y"})
     big = os.urandom(200_000)
-    requests.put(f"{u}/gradle/acme/proj/g", data=big)
-    requests.put(f"{u}/nx/proj/v1/cache/n", data=b"nx")
+    web.put(f"{u}/gradle/acme/proj/g", content=big)
+    web.put(f"{u}/nx/proj/v1/cache/n", content=b"nx")
     before = metric(node, 'kura_http_requests_total{route="/api/cache/cas/{id}",status="200"}')
-    kv = requests.get(f"{u}/api/cache/keyvalue/kv?{T}")
+    kv = web.get(f"{u}/api/cache/keyvalue/kv?{T}")
     assert kv.json() == {"entries": [{"value": "v"}]} and kv.headers["Content-Type"] == "application/json"
-    cas = requests.get(f"{u}/api/cache/cas/c?account_handle=acme&project_handle=p")
+    cas = web.get(f"{u}/api/cache/cas/c?account_handle=acme&project_handle=p")
     assert cas.content == b"c" * 10 and cas.headers["Content-Type"] == "x/y"
     assert cas.headers["Server"] == "kura", "a hit must be answered by the fast path"
-    assert requests.get(f"{u}/gradle/acme/proj/g/").content == big
-    assert requests.get(f"{u}/api/cache/gradle/g?{T}&namespace_id=proj").content == big
-    assert requests.get(f"{u}/v1/cache/n?namespace_id=proj").content == b"nx"
-    head = requests.head(f"{u}/nx/proj/v1/cache/n")
+    assert cas.http_version == web.http_version
+    assert web.get(f"{u}/gradle/acme/proj/g/").content == big
+    assert web.get(f"{u}/api/cache/gradle/g?{T}&namespace_id=proj").content == big
+    assert web.get(f"{u}/v1/cache/n?namespace_id=proj").content == b"nx"
+    head = web.head(f"{u}/nx/proj/v1/cache/n")
     assert head.status_code == 200 and head.headers["Content-Length"] == "2" and head.content == b""
     # What the fast path leaves to the blueprint still gets the blueprint's answers.
-    assert requests.get(f"{u}/api/cache/cas/c").json() == {"message": "Missing tenant_id"}
-    miss = requests.get(f"{u}/api/cache/cas/c?{T}")
+    assert web.get(f"{u}/api/cache/cas/c").json() == {"message": "Missing tenant_id"}
+    miss = web.get(f"{u}/api/cache/cas/c?{T}")
     assert miss.status_code == 404 and miss.headers["Server"] != "kura"  # the blueprint's 404
-    dots = requests.get(f"{u}/api/cache/cas/%2E%2E?{T}")  # requests would resolve a literal ..
+    dots = web.get(f"{u}/api/cache/cas/%2E%2E?{T}")  # a client could resolve a literal ..
     assert dots.status_code == 400
     assert dots.json() == {"message": "Invalid CAS id: path traversal is not allowed"}
     # Both paths read the query alike: an empty tenant_id is missing even with an alias.
-    empty = requests.get(f"{u}/api/cache/cas/c?tenant_id=&account_handle=acme&namespace_id=p")
+    empty = web.get(f"{u}/api/cache/cas/c?tenant_id=&account_handle=acme&namespace_id=p")
     assert empty.status_code == 400 and empty.json() == {"message": "Missing tenant_id"}
-    assert requests.get(f"{u}/api/cache/cas/c?{T}&namespace_id=&project_handle=p").status_code == 404
-    encoded = requests.get(f"{u}/api/cache/cas/%63?account_handle=acme&project_handle=%70")
+    assert web.get(f"{u}/api/cache/cas/c?{T}&namespace_id=&project_handle=p").status_code == 404
+    encoded = web.get(f"{u}/api/cache/cas/%63?account_handle=acme&project_handle=%70")
     assert encoded.content == b"c" * 10 and encoded.headers["Server"] == "kura"
     assert metric(node, 'kura_http_requests_total{route="/api/cache/cas/{id}",status="200"}') == before + 2
-    # HTTP/1.0 without keep-alive: the node answers and closes.
+
+
+def test_http10_download_without_keep_alive_closes(node) -> None:
+    requests.put(f"{node.url}/nx/proj/v1/cache/n", data=b"nx")
     with socket.create_connection(("127.0.0.1", node.port)) as sock:
         sock.sendall(b"GET /nx/proj/v1/cache/n HTTP/1.0\r\n\r\n")
         data = b""
@@ -313,15 +318,14 @@ ENCODED_SLASH_KEYS = [
 ]
 
 
-def test_artifact_routes_never_redirect(node) -> None:
+def test_artifact_routes_never_redirect(node, web) -> None:
     u = node.url
-    assert requests.post(f"{u}/api/cache/cas/victim?{T}", data=b"victim").status_code == 204
+    assert web.post(f"{u}/api/cache/cas/victim?{T}", content=b"victim").status_code == 204
     for method, target, what in ENCODED_SLASH_KEYS:
-        r = requests.request(method, u + target, data=b"x" if method != "GET" else None,
-                             allow_redirects=False)
+        r = web.request(method, u + target, content=b"x" if method != "GET" else None)
         assert r.status_code == 400, (method, target, r.status_code, r.headers.get("Location"))
         assert r.json() == {"message": f"{what}: slashes are not allowed"}, target
     for target in (f"/api/cache/cas//victim?{T}", f"/api//cache/cas/victim?{T}", "/v1/cache/victim/",
                    f"/api/cache/module/a/b?{T}&hash=h&name=n"):
-        r = requests.get(u + target, allow_redirects=False)
+        r = web.get(u + target)
         assert r.status_code == 404 and r.json() == {"message": "Not found"}, target
