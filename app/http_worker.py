@@ -215,9 +215,10 @@ class KuraGeventWorker(GeventWorker):
         """One HTTP/2 connection: gunicorn 27's loop (``AsyncWorker.handle_http2``: its
         connection object, one stream served at a time) with kura's rules on top:
 
-        - waiting for a new stream is waiting for a request head: bounded by the keep-alive
-          timeout as a whole (frames trickling in do not extend it), and evictable by
-          admission like an idle HTTP/1 connection;
+        - waiting for a new stream is waiting for a request head: bounded as a whole (frames
+          trickling in do not extend it) by the header timeout on a new connection and by
+          the keep-alive timeout later, and evictable by admission like an idle HTTP/1
+          connection;
         - a draining node, a reserve connection and a stopping worker end the connection
           with GOAWAY naming the last stream served, after serving every stream already
           received (the client retries any later one elsewhere);
@@ -228,6 +229,7 @@ class KuraGeventWorker(GeventWorker):
         h2_conn = None
         try:
             h2_conn = gunicorn_http.get_parser(self.cfg, client, addr, http2_connection=True)
+            _start_from_configured_settings(h2_conn)
             batch = []
             if upgrade is not None:
                 settings, http1_req, body = upgrade
@@ -250,7 +252,10 @@ class KuraGeventWorker(GeventWorker):
                             last_served = req.stream.stream_id
                     h2_conn.close(last_stream_id=last_served)
                     return
-                batch = self._next_streams(h2_conn)
+                # A new connection's first request must come within the header timeout;
+                # later ones may idle up to the keep-alive timeout first.
+                wait_s = self._admission.header_timeout_s if not last_served else self.cfg.keepalive
+                batch = self._next_streams(h2_conn, wait_s)
                 if batch is None:
                     h2_conn.close(last_stream_id=last_served)
                     return
@@ -259,10 +264,10 @@ class KuraGeventWorker(GeventWorker):
         except (ssl.SSLError, OSError) as exc:
             self.log.debug("HTTP/2 connection lost: %s", exc)
 
-    def _next_streams(self, h2_conn: Any) -> list[Any] | None:
-        """The next requests of an idle HTTP/2 connection; None when the wait timed out, was
-        evicted or interrupted by the worker's stop, or the client went away."""
-        idle = gevent.Timeout(self.cfg.keepalive or None)
+    def _next_streams(self, h2_conn: Any, wait_s: float) -> list[Any] | None:
+        """The next requests of an idle HTTP/2 connection; None when ``wait_s`` passed, the
+        wait was evicted or interrupted by the worker's stop, or the client went away."""
+        idle = gevent.Timeout(wait_s or None)
         try:
             with self._admission.waiting_for_request(idle), idle:
                 while True:
@@ -375,6 +380,24 @@ class KuraGeventWorker(GeventWorker):
             write_json_error(client, 400, "Bad Request", str(exc))
             return
         super().handle_error(req, client, addr, exc)
+
+
+def _start_from_configured_settings(h2_conn: Any) -> None:
+    """Make h2's own local settings gunicorn's configured ones before the preface is sent.
+
+    gunicorn queues a SETTINGS frame with its configured values and then lets h2 send the
+    preface SETTINGS from h2's defaults (MAX_CONCURRENT_STREAMS 100). The last frame
+    wins, so clients were told 100 streams, not ``http2_max_concurrent_streams``. With
+    the defaults replaced, both frames say the same."""
+    from h2.settings import SettingCodes, Settings
+
+    cfg, conn = h2_conn.cfg, h2_conn.h2_conn
+    values = {SettingCodes.MAX_CONCURRENT_STREAMS: cfg.http2_max_concurrent_streams,
+              SettingCodes.INITIAL_WINDOW_SIZE: cfg.http2_initial_window_size,
+              SettingCodes.MAX_FRAME_SIZE: cfg.http2_max_frame_size,
+              SettingCodes.MAX_HEADER_LIST_SIZE: (cfg.http2_max_header_list_size
+                                                  or conn.DEFAULT_MAX_HEADER_LIST_SIZE)}
+    conn.local_settings = Settings(client=False, initial_values=values)
 
 
 def _close_when_draining(app: Any) -> Callable[..., Iterable[bytes]]:
