@@ -197,8 +197,10 @@ def test_sigkill_mid_upload_then_restart(node_factory) -> None:
     assert os.listdir(node.data_dir / "tmp" / "staging") == []
 
 
-def test_sigterm_drains_inflight_then_exits(node) -> None:
-    results: dict[str, int] = {}
+def test_sigterm_drains_inflight_then_exits(node, web) -> None:
+    """An upload in flight (an HTTP/1.1 request, or an HTTP/2 stream) finishes; new requests
+    get 503 meanwhile."""
+    results: dict[str, object] = {}
     release = threading.Event()
 
     def slow_body():
@@ -207,8 +209,8 @@ def test_sigterm_drains_inflight_then_exits(node) -> None:
         yield b"y" * 100_000
 
     def upload() -> None:
-        results["status"] = requests.put(f"{node.url}/api/cache/gradle/drain?{T}",
-                                         data=slow_body(), timeout=30).status_code
+        r = web.put(f"{node.url}/api/cache/gradle/drain?{T}", content=slow_body(), timeout=30)
+        results["status"], results["version"] = r.status_code, r.http_version
 
     thread = threading.Thread(target=upload)
     thread.start()
@@ -228,7 +230,7 @@ def test_sigterm_drains_inflight_then_exits(node) -> None:
     assert refused.headers["Connection"].lower() == "close"
     release.set()
     thread.join(30)
-    assert results["status"] == 201
+    assert results == {"status": 201, "version": web.http_version}
     node.expect_clean_stop(signalled_at, before)
 
 
