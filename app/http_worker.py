@@ -20,6 +20,11 @@
    SIGINT stops a worker gracefully like SIGTERM (gunicorn would exit mid-request;
    SIGQUIT stays the quick stop). A worker starts with its stop signals held pending
    until its own handlers are in place (:func:`spawning_with_stop_signals_held`).
+6. HTTP/2. gunicorn 27 serves h2c (prior knowledge, Upgrade) to every client and h2 over
+   TLS; this worker terminates TLS itself on the ``KURA_HTTPS_PORT`` listener
+   (``app.public_tls``) and runs each HTTP/2 connection with the rules above: bounded and
+   evictable waits for a new stream, GOAWAY when draining or stopping, reserve refusals,
+   the JSON error shape, and the fast path on every stream (:meth:`KuraGeventWorker.handle_http2`).
 """
 from __future__ import annotations
 
