@@ -29,7 +29,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import ssl
@@ -46,6 +45,7 @@ from gunicorn.http2 import negotiation
 from gunicorn.http2.errors import HTTP2ConnectionError, HTTP2ProtocolError
 from gunicorn.workers.ggevent import GeventWorker
 
+from app.http2_connection import KuraHTTP2Connection, error_body, send_json_error
 from app.http_connections import REFUSAL_MESSAGE, Admission, HeadWait
 from app.stop_signals import STOP_SIGNALS, held, ignore, release
 
@@ -109,25 +109,11 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str,
         reason = HTTPStatus(status_int).phrase
     except ValueError:
         pass
-    body = _error_body(mesg or reason)
+    body = error_body(mesg or reason)
     extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n{extra}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode("latin1")
     gunicorn_util.write_nonblock(sock, head + body)
-
-
-def _error_body(message: str) -> bytes:
-    return json.dumps({"message": message}).encode()
-
-
-def send_h2_json_error(h2_conn: Any, stream_id: int, status: int, message: str,
-                       headers: Mapping[str, str] | None = None) -> None:
-    """Answer one HTTP/2 stream with the JSON error shape (what ``write_json_error`` is to
-    an HTTP/1 connection)."""
-    body = _error_body(message)
-    fields = [("content-type", "application/json"), ("content-length", str(len(body))),
-              *((name.lower(), value) for name, value in (headers or {}).items())]
-    h2_conn.send_response(stream_id, status, fields, body)
 
 
 def _write_file_counting_fallback(self: gunicorn_wsgi.Response, respiter: Any) -> None:
@@ -217,8 +203,8 @@ class KuraGeventWorker(GeventWorker):
 
     def handle_http2(self, listener: Any, client: Any, addr: Any, preface: bytes = b"",
                      upgrade: Any = None) -> None:
-        """One HTTP/2 connection: gunicorn 27's loop (``AsyncWorker.handle_http2``: its
-        connection object, one stream served at a time) with kura's rules on top:
+        """One HTTP/2 connection: gunicorn 27's loop (``AsyncWorker.handle_http2``: one
+        stream served at a time) on :class:`KuraHTTP2Connection`, with kura's rules on top:
 
         - waiting for a new stream is waiting for a request head: bounded as a whole (frames
           trickling in do not extend it) by the header timeout on a new connection and by
@@ -233,8 +219,7 @@ class KuraGeventWorker(GeventWorker):
         conn = self._admission.current()
         h2_conn = None
         try:
-            h2_conn = gunicorn_http.get_parser(self.cfg, client, addr, http2_connection=True)
-            _start_from_configured_settings(h2_conn)
+            h2_conn = KuraHTTP2Connection(self.cfg, client, addr)
             batch = []
             if upgrade is not None:
                 settings, http1_req, body = upgrade
@@ -290,7 +275,7 @@ class KuraGeventWorker(GeventWorker):
                              h2_conn: Any) -> None:
         conn = self._admission.current()
         if conn is not None and conn.reserve and not self._admission.admits(conn, self._is_probe(req)):
-            send_h2_json_error(h2_conn, req.stream.stream_id, 503, REFUSAL_MESSAGE,
+            send_json_error(h2_conn, req.stream.stream_id, 503, REFUSAL_MESSAGE,
                                headers={"Retry-After": "1"})
             return
         gevent.sleep(0)  # fairness between the connections of this worker, as for HTTP/1
@@ -385,24 +370,6 @@ class KuraGeventWorker(GeventWorker):
             write_json_error(client, 400, "Bad Request", str(exc))
             return
         super().handle_error(req, client, addr, exc)
-
-
-def _start_from_configured_settings(h2_conn: Any) -> None:
-    """Make h2's own local settings gunicorn's configured ones before the preface is sent.
-
-    gunicorn queues a SETTINGS frame with its configured values and then lets h2 send the
-    preface SETTINGS from h2's defaults (MAX_CONCURRENT_STREAMS 100). The last frame
-    wins, so clients were told 100 streams, not ``http2_max_concurrent_streams``. With
-    the defaults replaced, both frames say the same."""
-    from h2.settings import SettingCodes, Settings
-
-    cfg, conn = h2_conn.cfg, h2_conn.h2_conn
-    values = {SettingCodes.MAX_CONCURRENT_STREAMS: cfg.http2_max_concurrent_streams,
-              SettingCodes.INITIAL_WINDOW_SIZE: cfg.http2_initial_window_size,
-              SettingCodes.MAX_FRAME_SIZE: cfg.http2_max_frame_size,
-              SettingCodes.MAX_HEADER_LIST_SIZE: (cfg.http2_max_header_list_size
-                                                  or conn.DEFAULT_MAX_HEADER_LIST_SIZE)}
-    conn.local_settings = Settings(client=False, initial_values=values)
 
 
 def _close_when_draining(app: Any) -> Callable[..., Iterable[bytes]]:

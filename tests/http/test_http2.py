@@ -22,7 +22,7 @@ from app.http_connections import EVICT_AFTER_S
 from app.settings import ConfigError, Settings
 from bench.proctree import free_ports
 from tests.certs import PeerCa
-from tests.http.raw_h2 import MAX_CONCURRENT_STREAMS, RawH2
+from tests.http.raw_h2 import MAX_CONCURRENT_STREAMS, H2Answer, RawH2
 from tests.nodes import REPO, make_node
 
 T = "tenant_id=acme"
@@ -86,22 +86,65 @@ def test_an_early_answer_resets_the_rest_of_the_upload_without_error(node) -> No
         client.close()
 
 
-def test_a_draining_node_answers_then_sends_goaway(node) -> None:
+def test_request_heads_the_parser_refuses_get_the_json_error_shape(node) -> None:
+    """As over HTTP/1.1 (414, 400 below Flask), not a bare RST_STREAM; the connection goes on."""
     client = RawH2.prior_knowledge(node.port)
+    client.conn.config.validate_outbound_headers = False  # send what a hostile client would
+    client.conn.config.normalize_outbound_headers = False
     try:
-        first = client.request("GET", "/up")
-        client.read_until(client.answered(first))
-        node.signal(signal.SIGUSR1)  # drain without exiting (preStop)
+        long_path = client.request("GET", "/up?" + "x" * 9000)
+        bad_header = client.request("POST", f"/api/cache/cas/x?{T}", body=b"data",
+                                    headers=(("x-h", "a\x01b"),))
+        client.read_until(client.answered(long_path, bad_header))
+        assert client.answers[long_path].status == 414
+        assert client.answers[long_path].json() == {"message": "Request Line is too large (9004 > 8190)"}
+        assert client.answers[bad_header].status == 400
+        assert client.answers[bad_header].headers["content-type"] == "application/json"
+        assert client.answers[bad_header].json() == {"message": "Invalid HTTP Header: 'X-H'"}
+        up = client.request("GET", "/up")
+        client.read_until(client.answered(up))
+        assert client.answers[up].status == 200 and client.goaway is None
+    finally:
+        client.close()
+
+
+def test_draining_finishes_streams_in_flight_and_received_then_sends_goaway(node) -> None:
+    """An upload in flight when the drain starts completes; a stream that arrived meanwhile
+    is answered 503 ``server is draining``; then GOAWAY names it as the last one served.
+
+    (An idle connection may get its GOAWAY as soon as the drain starts, so what this test
+    sends after the drain began is written together with the upload's last bytes.)"""
+    client = RawH2.prior_knowledge(node.port)
+    body = os.urandom(20_000)
+    try:
+        upload = client.conn.get_next_available_stream_id()
+        client.answers[upload] = H2Answer()
+        client.conn.send_headers(upload, [(":method", "PUT"), (":path", f"/api/cache/gradle/d?{T}"),
+                                          (":scheme", "http"), (":authority", "127.0.0.1"),
+                                          ("content-length", str(len(body)))])
+        client.conn.send_data(upload, body[:10_000])
+        client.sock.sendall(client.conn.data_to_send())
         deadline = time.monotonic() + 20
+        while requests.get(node.url + "/status/rollout", timeout=5).json()["http_inflight_requests"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        node.signal(signal.SIGUSR1)  # drain without exiting (preStop)
         while requests.get(node.url + "/ready", timeout=5).status_code != 503:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        refused = client.request("GET", f"/api/cache/gradle/any?{T}")
+        late = client.conn.get_next_available_stream_id()
+        client.answers[late] = H2Answer()
+        client.conn.send_headers(late, [(":method", "GET"), (":path", f"/api/cache/gradle/d?{T}"),
+                                        (":scheme", "http"), (":authority", "127.0.0.1")],
+                                 end_stream=True)
+        client.conn.send_data(upload, body[10_000:], end_stream=True)
+        client.sock.sendall(client.conn.data_to_send())
         client.read_until(lambda c: c.goaway is not None)
-        assert client.answers[refused].status == 503
-        assert client.answers[refused].json() == {"message": "server is draining"}
+        assert client.answers[upload].status == 201
+        assert client.answers[late].status == 503
+        assert client.answers[late].json() == {"message": "server is draining"}
         assert client.goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
-        assert client.goaway.last_stream_id == refused  # nothing later was taken
+        assert client.goaway.last_stream_id == late
     finally:
         client.close()
 
