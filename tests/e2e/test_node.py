@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -119,7 +120,10 @@ def test_errors_below_flask_are_json(node) -> None:
     r = requests.get(node.url + target)
     assert r.status_code == 414
     assert r.headers["Content-Type"] == "application/json"
-    assert r.json() == {"message": f"Request Line is too large ({len(f'GET {target} HTTP/1.1')} > 8190)"}
+    # The size is what gunicorn had read when it gave up: with h2c on, the first bytes of a
+    # connection are read ahead (the HTTP/2 preface check), so it is not the whole line.
+    seen = re.fullmatch(r"Request Line is too large \((\d+) > 8190\)", r.json()["message"])
+    assert seen is not None and 8190 < int(seen.group(1)) <= len(f"GET {target} HTTP/1.1")
 
 
 def test_second_node_on_same_directory_is_refused(node, tmp_path) -> None:
