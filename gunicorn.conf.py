@@ -41,6 +41,14 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = prometheus_dir(_run_dir)
 
 wsgi_app = "app.http:create_app()"
 bind = [f"{_settings.bind_host}:{_settings.port}"]
+if _settings.public_tls:
+    # The worker terminates TLS on this listener only (app/public_tls.py).
+    bind.append(f"{_settings.bind_host}:{_settings.https_port}")
+# HTTP/2 on the public port: h2c by prior knowledge or by Upgrade on KURA_PORT, h2 by ALPN
+# on KURA_HTTPS_PORT. 128 concurrent streams per connection, like Kura.
+http_protocols = "h2,h1"
+http2_cleartext = "both"
+http2_max_concurrent_streams = 128
 workers = _settings.resolved_http_workers
 worker_class = "app.http_worker.KuraGeventWorker"
 worker_connections = _settings.worker_connections
@@ -115,6 +123,9 @@ def on_starting(server):
         from app.replication.peer_tls import PeerTls
 
         PeerTls.from_settings(_settings)
+        from app.public_tls import server_context
+
+        server_context(_settings)
     except ConfigError as exc:
         sys.stderr.write(f"kura: invalid configuration: {exc}\n")
         run_dir.remove(_run_dir)  # gunicorn does not call on_exit for a start that failed

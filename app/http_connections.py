@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import gevent
 from gevent import getcurrent
+from gevent.socket import wait_read
 
 # Slots beyond worker_connections for probes and quick 503s while every connection is busy.
 RESERVE = 16
@@ -40,6 +43,8 @@ RESERVE = 16
 EVICT_AFTER_S = 1.0
 # A reserve connection's request head must arrive within this (or the header timeout).
 RESERVE_HEAD_TIMEOUT_S = 1.0
+# The answer (503, Retry-After: 1) to a request on a reserve connection that is not a probe.
+REFUSAL_MESSAGE = "Too many connections: every connection of this worker is busy"
 # At most one log line per this many seconds says the limit was reached.
 LOG_EVERY_S = 10.0
 
@@ -109,18 +114,35 @@ class Admission:
         return self.connections.get(getcurrent())
 
     def admits(self, conn: Connection, is_probe: bool) -> bool:
-        """Whether a request that arrived on ``conn`` is served (False: it was answered 503)."""
+        """Whether a request that arrived on ``conn`` is served. False: the caller answers
+        it ``503`` with :data:`REFUSAL_MESSAGE` and ``Retry-After: 1``, then ends the
+        connection."""
         if not conn.reserve:
             return True
         if self.open <= self.limit:
             conn.reserve = False  # slots were freed meanwhile: an ordinary connection now
             return True
-        if is_probe:
-            return True
-        self.write_error(conn.sock, 503, "Service Unavailable",
-                         "Too many connections: every connection of this worker is busy",
-                         headers={"Retry-After": "1"})
-        return False
+        return is_probe
+
+    @contextmanager
+    def waiting_for_request(self, interrupt: BaseException) -> Iterator[None]:
+        """The current connection waits for its next request (an HTTP/1 head, a new HTTP/2
+        stream): eviction or the worker's stop ends the wait by throwing ``interrupt``."""
+        self.register_wait(interrupt)
+        try:
+            yield
+        finally:
+            self.waiting.pop(getcurrent(), None)
+
+    def register_wait(self, interrupt: BaseException) -> None:
+        """(Re)start the current connection's wait for a request, youngest last: once the
+        first byte of a request arrives on an idle keep-alive connection, the head is a new
+        wait, not an old one."""
+        current = getcurrent()
+        conn = self.connections.get(current)
+        if conn is not None:
+            self.waiting.pop(current, None)
+            self.waiting[current] = _Wait(conn, time.monotonic(), interrupt)
 
     def head_wait(self) -> "HeadWait":
         """gunicorn's ``timeout_ctx``: the wait for the current connection's next request head."""
@@ -192,10 +214,10 @@ class HeadWait:
             arrived = _peek_now(conn.sock)
             if arrived is None:
                 idle = gevent.Timeout(adm.keepalive_s)
-                self._register(idle)
+                adm.register_wait(idle)
                 try:
                     with idle:
-                        conn.sock.recv(1, socket.MSG_PEEK)  # the next request's first byte (or EOF)
+                        _await_first_byte(conn.sock)  # the next request's first byte (or EOF)
                 except gevent.Timeout as exc:
                     if exc is not idle:
                         raise
@@ -209,7 +231,7 @@ class HeadWait:
         if conn.reserve:
             seconds = min(seconds, RESERVE_HEAD_TIMEOUT_S)
         self.timer = gevent.Timeout(seconds)
-        self._register(self.timer)
+        adm.register_wait(self.timer)
         self.timer.start()
         return self
 
@@ -226,22 +248,16 @@ class HeadWait:
                             "Request header timeout: the request head did not arrive in time")
         return True  # gunicorn then sees no request and closes the connection
 
-    def _register(self, interrupt: BaseException) -> None:
-        """(Re)start this connection's wait, youngest last: once the first byte of a request
-        arrives on an idle keep-alive connection, the head is a new wait, not an old one."""
-        waiting = self.admission.waiting
-        current = getcurrent()
-        waiting.pop(current, None)
-        waiting[current] = _Wait(self.conn, time.monotonic(), interrupt)  # type: ignore[arg-type]
-
 
 HEAD_PEEK_BYTES = 8192
 
 
 def _peek_now(sock: Any) -> bytes | None:
     """The bytes already received on ``sock`` (up to ``HEAD_PEEK_BYTES``, left in place), b""
-    at EOF, None when nothing has arrived. Never waits: it asks gevent's underlying
-    non-blocking socket directly."""
+    at EOF, None when nothing has arrived (or, on TLS, which cannot peek: unknown). Never
+    waits: it asks gevent's underlying non-blocking socket directly."""
+    if isinstance(sock, ssl.SSLSocket):
+        return None
     try:
         return sock._sock.recv(HEAD_PEEK_BYTES, socket.MSG_PEEK)
     except (BlockingIOError, InterruptedError):
@@ -262,3 +278,13 @@ def _buffered(unreader: Any) -> bool:
     """Whether gunicorn already holds bytes of the next request (pipelining)."""
     with unreader.buf.getbuffer() as view:
         return view.nbytes > 0
+
+
+def _await_first_byte(sock: Any) -> None:
+    """Wait until the next request's first byte (or EOF) can be read from ``sock``."""
+    if isinstance(sock, ssl.SSLSocket):
+        # TLS cannot peek; decrypted bytes may already wait in the TLS layer.
+        if not sock.pending():
+            wait_read(sock.fileno())
+    else:
+        sock.recv(1, socket.MSG_PEEK)

@@ -20,25 +20,34 @@
    SIGINT stops a worker gracefully like SIGTERM (gunicorn would exit mid-request;
    SIGQUIT stays the quick stop). A worker starts with its stop signals held pending
    until its own handlers are in place (:func:`spawning_with_stop_signals_held`).
+6. HTTP/2. gunicorn 27 serves h2c (prior knowledge, Upgrade) to every client and h2 over
+   TLS; this worker terminates TLS itself on the ``KURA_HTTPS_PORT`` listener
+   (``app.public_tls``) and runs each HTTP/2 connection with the rules above: bounded and
+   evictable waits for a new stream, GOAWAY when draining or stopping, reserve refusals,
+   the JSON error shape, and the fast path on every stream (:meth:`KuraGeventWorker.handle_http2`).
 """
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
+import ssl
 from http import HTTPStatus
 from typing import Any, Callable, Iterable, Mapping
 
 import gevent
 from gevent.socket import wait_write
+from gunicorn import http as gunicorn_http
 from gunicorn import util as gunicorn_util
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.http.errors import ConfigurationProblem
+from gunicorn.http2 import negotiation
+from gunicorn.http2.errors import HTTP2ConnectionError, HTTP2ProtocolError
 from gunicorn.workers.ggevent import GeventWorker
 
 from app import tracing
-from app.http_connections import Admission, HeadWait
+from app.http2_connection import KuraHTTP2Connection, error_body, send_json_error
+from app.http_connections import REFUSAL_MESSAGE, Admission, HeadWait
 from app.stop_signals import STOP_SIGNALS, held, ignore, release
 
 # The master imports this module to load the worker class: nothing here may import
@@ -70,7 +79,8 @@ def sendfile_all(sock: Any, file_fd: int, offset: int, nbytes: int) -> None:
 
 def cooperative_sendfile(self: gunicorn_wsgi.Response, respiter: Any) -> bool:
     """Replacement for ``gunicorn.http.wsgi.Response.sendfile`` (see module docstring)."""
-    if self.cfg.is_ssl or not self.can_sendfile() or not gunicorn_util.has_fileno(respiter.filelike):
+    if (isinstance(self.sock, ssl.SSLSocket) or not self.can_sendfile()
+            or not gunicorn_util.has_fileno(respiter.filelike)):
         return False
     file_fd = respiter.filelike.fileno()
     try:
@@ -101,7 +111,7 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str,
         reason = HTTPStatus(status_int).phrase
     except ValueError:
         pass
-    body = json.dumps({"message": mesg or reason}).encode()
+    body = error_body(mesg or reason)
     extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n{extra}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode("latin1")
@@ -110,7 +120,8 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str,
 
 def _write_file_counting_fallback(self: gunicorn_wsgi.Response, respiter: Any) -> None:
     if not self.sendfile(respiter):
-        _serving_paths.labels("copy").inc()
+        # Over TLS the file is read and encrypted in user space, as for HTTP/2 (app.http.fast_reads).
+        _serving_paths.labels("read" if isinstance(self.sock, ssl.SSLSocket) else "copy").inc()
         for item in respiter:
             self.write(item)
 
@@ -154,16 +165,130 @@ class KuraGeventWorker(GeventWorker):
         self.worker_connections = self._admission.pool_size  # gunicorn's pool: limit + reserve
         self._probe_paths: frozenset[str] = frozenset()
         self._fast_reads: Any = None
+        self._node_state: Any = None
+        self._tls: ssl.SSLContext | None = None
+        self._https_port = 0
 
     def timeout_ctx(self) -> HeadWait:
         return self._admission.head_wait()
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
-        self._admission.accept(client)
+        conn = self._admission.accept(client)
         try:
+            if self._tls is not None and listener.getsockname()[1] == self._https_port:
+                client = self._tls_handshake(client)
+                if client is None:
+                    return
+                conn.sock = client
             super().handle(listener, client, addr)
         finally:
             self._admission.close()
+
+    def _tls_handshake(self, client: Any) -> Any:
+        """``client`` wrapped in the public TLS context (ALPN picks h2 or HTTP/1.1), or None
+        when the handshake fails or does not finish within the header timeout."""
+        tls = self._tls.wrap_socket(client, server_side=True,  # type: ignore[union-attr]
+                                    do_handshake_on_connect=False)
+        timer = gevent.Timeout(self._admission.header_timeout_s)
+        try:
+            with timer:
+                tls.do_handshake()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            self.log.debug("TLS handshake timed out")
+        except (ssl.SSLError, OSError) as exc:
+            self.log.debug("TLS handshake failed: %s", exc)
+        else:
+            return tls
+        gunicorn_util.close(tls)
+        return None
+
+    def handle_http2(self, listener: Any, client: Any, addr: Any, preface: bytes = b"",
+                     upgrade: Any = None) -> None:
+        """One HTTP/2 connection: gunicorn 27's loop (``AsyncWorker.handle_http2``: one
+        stream served at a time) on :class:`KuraHTTP2Connection`, with kura's rules on top:
+
+        - waiting for a new stream is waiting for a request head: bounded as a whole (frames
+          trickling in do not extend it) by the header timeout on a new connection and by
+          the keep-alive timeout later, and evictable by admission like an idle HTTP/1
+          connection;
+        - a draining node, a reserve connection and a stopping worker end the connection
+          with GOAWAY naming the last stream served, after serving every stream already
+          received (the client retries any later one elsewhere);
+        - every answer, including refusals, uses the JSON error shape.
+        """
+        listener_name = listener.getsockname()
+        conn = self._admission.current()
+        h2_conn = None
+        try:
+            h2_conn = KuraHTTP2Connection(self.cfg, client, addr)
+            batch = []
+            if upgrade is not None:
+                settings, http1_req, body = upgrade
+                batch.append(h2_conn.initiate_upgrade(settings, http1_req, body))
+            else:
+                h2_conn.initiate_connection()
+            if preface:  # bytes read while negotiating: the preface alone completes no request
+                h2_conn.receive_data(preface)
+            last_served = 0
+            while True:
+                for req in batch:
+                    self._serve_http2_stream(listener_name, req, client, addr, h2_conn)
+                    last_served = req.stream.stream_id
+                if h2_conn.is_closed:
+                    return
+                if not self.alive or self._node_state.draining or (conn is not None and conn.reserve):
+                    while h2_conn.pending_requests:  # received already: served, then GOAWAY
+                        for req in h2_conn.receive_data():
+                            self._serve_http2_stream(listener_name, req, client, addr, h2_conn)
+                            last_served = req.stream.stream_id
+                    h2_conn.close(last_stream_id=last_served)
+                    return
+                # A new connection's first request must come within the header timeout;
+                # later ones may idle up to the keep-alive timeout first.
+                wait_s = self._admission.header_timeout_s if not last_served else self.cfg.keepalive
+                batch = self._next_streams(h2_conn, wait_s)
+                if batch is None:
+                    h2_conn.close(last_stream_id=last_served)
+                    return
+        except (HTTP2ConnectionError, HTTP2ProtocolError) as exc:
+            self.log.debug("HTTP/2 connection ended: %s", exc)
+        except (ssl.SSLError, OSError) as exc:
+            self.log.debug("HTTP/2 connection lost: %s", exc)
+
+    def _next_streams(self, h2_conn: Any, wait_s: float) -> list[Any] | None:
+        """The next requests of an idle HTTP/2 connection; None when ``wait_s`` passed, the
+        wait was evicted or interrupted by the worker's stop, or the client went away."""
+        idle = gevent.Timeout(wait_s or None)
+        try:
+            with self._admission.waiting_for_request(idle), idle:
+                while True:
+                    requests = h2_conn.receive_data()
+                    if requests or h2_conn.is_closed:
+                        return requests
+        except gevent.Timeout as exc:
+            if exc is not idle:
+                raise
+            return None
+        except gunicorn_http.errors.NoMoreData:
+            return None
+
+    def handle_http2_request(self, listener_name: Any, req: Any, sock: Any, addr: Any,
+                             h2_conn: Any) -> None:
+        conn = self._admission.current()
+        if conn is not None and conn.reserve and not self._admission.admits(conn, self._is_probe(req)):
+            send_json_error(h2_conn, req.stream.stream_id, 503, REFUSAL_MESSAGE,
+                               headers={"Retry-After": "1"})
+            return
+        gevent.sleep(0)  # fairness between the connections of this worker, as for HTTP/1
+        fast = self._fast_reads
+        if fast is not None and fast.serve_h2(req, h2_conn):
+            return
+        super().handle_http2_request(listener_name, req, sock, addr, h2_conn)
+
+    def _is_probe(self, req: Any) -> bool:
+        return req.method in ("GET", "HEAD") and req.path in self._probe_paths
 
     def init_signals(self) -> None:
         super().init_signals()
@@ -184,6 +309,9 @@ class KuraGeventWorker(GeventWorker):
         gunicorn_wsgi.Response.sendfile = cooperative_sendfile
         gunicorn_wsgi.Response.write_file = _write_file_counting_fallback
         gunicorn_util.write_error = write_json_error
+        # gunicorn offers h2c only to peers in forwarded_allow_ips (it expects a TLS proxy
+        # in front); kura's public port is the edge and serves h2c to every client, as Kura.
+        negotiation.peer_trusted_for_h2c = lambda cfg, peer_addr: True
         super().init_process()
 
     def load_wsgi(self) -> None:
@@ -197,6 +325,11 @@ class KuraGeventWorker(GeventWorker):
         if self._analytics is not None:
             self._analytics.start()  # this worker owns its analytics sender
         self._admission.header_timeout_s = settings.http_header_timeout_ms / 1000
+        self._node_state = services.node_state
+        from app.public_tls import server_context
+
+        self._tls = server_context(settings)
+        self._https_port = settings.https_port
         self._probe_paths = probe_paths(self.wsgi)
         self._fast_reads = FastReads.for_app(self.wsgi, sendfile_all)
         self.wsgi = _close_when_draining(self.wsgi)
@@ -215,9 +348,10 @@ class KuraGeventWorker(GeventWorker):
         if conn is not None:
             conn.last_request = req
             if conn.reserve:
-                if not self._admission.admits(conn, req.method in ("GET", "HEAD")
-                                              and req.path in self._probe_paths):
-                    raise StopIteration()  # answered 503; gunicorn closes the connection
+                if not self._admission.admits(conn, self._is_probe(req)):
+                    write_json_error(sock, 503, "Service Unavailable", REFUSAL_MESSAGE,
+                                     headers={"Retry-After": "1"})
+                    raise StopIteration()  # gunicorn closes the connection
                 req.force_close()  # a reserve connection serves one request
         if conn is None or not conn.waited:
             gevent.sleep(0)  # fairness between keep-alive connections of this worker

@@ -86,7 +86,8 @@ ARTIFACT_EGRESS_BYTES = Counter(
 SERVING_PATHS = Counter(
     "kura_artifact_serving_paths_total",
     "How each download was served: sendfile (zero-copy from the segment), pread (small body read "
-    "whole), inline (from LMDB), copy (user-space fallback)", ["path"])
+    "whole), inline (from LMDB), read (segment reads where sendfile cannot go: HTTP/2, TLS), "
+    "copy (user-space fallback)", ["path"])
 MULTIPART_PARTS = Counter(
     "kura_multipart_parts_total", "Multipart part uploads by result (ok, not_found, too_large, "
     "rejected, error)", ["result"])

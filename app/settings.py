@@ -95,6 +95,11 @@ class Settings:
     internal_tls_ca_cert_path: str = ""
     internal_tls_cert_path: str = ""
     internal_tls_key_path: str = ""
+    # Public TLS (Kura's names): with both paths set, a second public listener on
+    # KURA_HTTPS_PORT serves HTTP/1.1 and h2 over TLS, chosen by ALPN.
+    public_tls_cert_path: str = ""
+    public_tls_key_path: str = ""
+    https_port: int = 4443
     extension_enabled: bool = False
     extension_script_path: str = ""
     extension_hook_timeout_ms: int = 25
@@ -133,6 +138,11 @@ class Settings:
         """Mutual TLS on the internal plane (all three KURA_INTERNAL_TLS_* paths set)."""
         return bool(self.internal_tls_ca_cert_path and self.internal_tls_cert_path
                     and self.internal_tls_key_path)
+
+    @property
+    def public_tls(self) -> bool:
+        """The HTTPS listener is on (both KURA_PUBLIC_TLS_* paths set)."""
+        return bool(self.public_tls_cert_path and self.public_tls_key_path)
 
     @property
     def resolved_run_dir(self) -> str:
@@ -201,6 +211,9 @@ class Settings:
             "KURA_INTERNAL_TLS_CA_CERT_PATH": ("internal_tls_ca_cert_path", _parse_str),
             "KURA_INTERNAL_TLS_CERT_PATH": ("internal_tls_cert_path", _parse_str),
             "KURA_INTERNAL_TLS_KEY_PATH": ("internal_tls_key_path", _parse_str),
+            "KURA_PUBLIC_TLS_CERT_PATH": ("public_tls_cert_path", _parse_path),
+            "KURA_PUBLIC_TLS_KEY_PATH": ("public_tls_key_path", _parse_path),
+            "KURA_HTTPS_PORT": ("https_port", _parse_port),
             "KURA_EXTENSION_ENABLED": ("extension_enabled", _parse_bool),
             "KURA_EXTENSION_SCRIPT_PATH": ("extension_script_path", _parse_str),
             "KURA_EXTENSION_HOOK_TIMEOUT_MS": ("extension_hook_timeout_ms", _positive),
@@ -252,8 +265,13 @@ class Settings:
         if bool(self.analytics_server_url) != bool(self.analytics_signing_key):
             raise ConfigError("KURA_ANALYTICS_SERVER_URL and KURA_ANALYTICS_SIGNING_KEY must be set "
                               "together")
+        if bool(self.public_tls_cert_path) != bool(self.public_tls_key_path):
+            raise ConfigError("KURA_PUBLIC_TLS_CERT_PATH and KURA_PUBLIC_TLS_KEY_PATH must be set "
+                              "together")
         ports = {"KURA_PORT": self.port, "KURA_GRPC_PORT": self.grpc_port,
                  "KURA_INTERNAL_PORT": self.internal_port}
+        if self.public_tls:
+            ports["KURA_HTTPS_PORT"] = self.https_port
         seen: dict[int, str] = {}
         for name, port in ports.items():
             if port and port in seen:

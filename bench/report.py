@@ -45,6 +45,27 @@ def http_table(rows: list[dict[str, Any]]) -> str:
                    "nginx CPU ms/req", "nginx CPU s/GiB", "kura÷nginx", "errors k/n"], out)
 
 
+def h2_table(rows: list[dict[str, Any]]) -> str:
+    out = []
+    names = ("kura-h2", "nginx-h2", "kura-h1")
+    for row in rows:
+        cells = [f"GET {row['size_bytes']:,} B x{row['in_flight']}"]
+        for name in names:
+            m = row["targets"].get(name, {}).get("median", {})
+            cells += [_f(m.get("requests_per_s")), _f(m.get("mib_per_s")),
+                      f"{_f(m.get('p50_ms'), 2)}/{_f(m.get('p99_ms'), 2)}",
+                      _f(m.get("server_cpu_ms_per_request"), 3)]
+        cells += [_f(row.get("ratio_throughput_vs_nginx-h2"), 2),
+                  _f(row.get("ratio_throughput_vs_kura-h1"), 2),
+                  "/".join(str(row["targets"].get(n, {}).get("median", {}).get("errors", "-"))
+                           for n in names)]
+        out.append(cells)
+    headers = ["cell"]
+    for name in names:
+        headers += [f"{name} req/s", f"{name} MiB/s", f"{name} p50/p99 ms", f"{name} CPU ms/req"]
+    return _table(headers + ["kura-h2÷nginx-h2", "kura-h2÷kura-h1", "errors"], out)
+
+
 def reapi_table(rows: list[dict[str, Any]]) -> str:
     out = []
     for row in rows:
@@ -157,6 +178,9 @@ def render(doc: dict[str, Any]) -> str:
     if doc.get("http"):
         parts += ["HTTP (medians; kura-py Nx route /v1/cache/{hash} vs nginx sendfile / WebDAV PUT)",
                   http_table(doc["http"])]
+    if doc.get("http2"):
+        parts += ["", "HTTP/2 (medians; h2load, 64 requests in flight: h2 on one connection, "
+                  "HTTP/1.1 on 64 connections)", h2_table(doc["http2"])]
     if doc.get("reapi"):
         parts += ["", "REAPI (medians)", reapi_table(doc["reapi"])]
     if doc.get("memory"):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import http_bench, reapi_bench, report, wrk_load
+from bench import h2_bench, http_bench, reapi_bench, report, wrk_load
 from bench.http_bench import HttpTarget
 from bench.memory_bench import run_memory
 from bench.servers import (BUILDGRID_VERSION, REPO, BuildGridServer, KuraNode, NginxServer,
@@ -26,7 +26,7 @@ from bench.servers import (BUILDGRID_VERSION, REPO, BuildGridServer, KuraNode, N
 from bench.startup_bench import run_startup
 from bench.stats import MIB
 
-SECTIONS = ("http", "reapi", "memory", "startup")
+SECTIONS = ("http", "http2", "reapi", "memory", "startup")
 
 
 def _log(message: str) -> None:
@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", help="HTTP body sizes in bytes, comma-separated")
     p.add_argument("--concurrency", help="HTTP concurrencies, comma-separated (default 1,8,20)")
     p.add_argument("--methods", default="GET,PUT", help="HTTP methods (default GET,PUT)")
+    p.add_argument("--h2-requests", type=int,
+                   help="requests per HTTP/2 measurement, every size (default 20000 for 4 KiB, 2000 for 1 MiB)")
     p.add_argument("--startup-counts", help="artifact counts for start-up (default 0,100000,1000000)")
     p.add_argument("--memory-bytes", type=int, help="transfer size for the memory test (default 1 GiB)")
     p.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
@@ -71,19 +73,23 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     cfg: dict[str, Any] = {"reps": 3, "duration": 4.0, "sizes": http_bench.DEFAULT_SIZES,
                            "concurrency": http_bench.DEFAULT_CONCURRENCY,
                            "startup_counts": (0, 100_000, 1_000_000), "startup_reps": 2,
-                           "memory_bytes": 1024 * MIB, "reapi_ops": reapi_bench.OPERATIONS}
+                           "memory_bytes": 1024 * MIB, "reapi_ops": reapi_bench.OPERATIONS,
+                           "h2_sizes": h2_bench.DEFAULT_SIZES, "h2_requests": h2_bench.DEFAULT_REQUESTS}
     if args.quick:
         cfg.update(reps=1, duration=1.5, concurrency=(1, 8), startup_counts=(0, 100_000),
                    startup_reps=1, memory_bytes=256 * MIB)
     if args.smoke:
         cfg.update(reps=1, duration=0.5, sizes=(4096, 1 * MIB), concurrency=(1,),
                    startup_counts=(0, 1000), startup_reps=1, memory_bytes=8 * MIB,
-                   reapi_ops=(("GetActionResult", (1,)), ("FindMissingBlobs(1000)", (1,))))
+                   reapi_ops=(("GetActionResult", (1,)), ("FindMissingBlobs(1000)", (1,))),
+                   h2_requests={4096: 640, MIB: 128})
     for name in ("reps", "duration", "memory_bytes"):
         if getattr(args, name) is not None:
             cfg[name] = getattr(args, name)
     if args.sizes:
         cfg["sizes"] = _ints(args.sizes)
+    if args.h2_requests:
+        cfg["h2_requests"] = {size: args.h2_requests for size in cfg["h2_sizes"]}
     if args.concurrency:
         cfg["concurrency"] = _ints(args.concurrency)
     if args.startup_counts:
@@ -126,6 +132,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         servers.append(node)
         if "http" in cfg["sections"]:
             doc["http"] = _run_http_section(cfg, args, workdir, node, servers, doc)
+        if "http2" in cfg["sections"]:
+            _ensure_alive(node, doc)
+            doc["http2"] = _run_h2_section(cfg, args, workdir, node, servers, doc)
         if "reapi" in cfg["sections"]:
             _ensure_alive(node, doc)
             doc["reapi"] = _run_reapi_section(cfg, args, workdir, node, servers, doc)
@@ -186,6 +195,42 @@ def _run_http_section(cfg: dict[str, Any], args: argparse.Namespace, workdir: Pa
     rows = http_bench.run_http(targets, files, cfg["methods"], cfg["sizes"], cfg["concurrency"],
                                cfg["reps"], cfg["duration"], _log)
     if not args.no_nginx and len(targets) > 1:
+        nginx.stop()
+        servers.remove(nginx)
+    return rows
+
+
+def _run_h2_section(cfg: dict[str, Any], args: argparse.Namespace, workdir: Path, node: KuraNode,
+                    servers: list[Any], doc: dict[str, Any]) -> list[dict[str, Any]]:
+    if not h2_bench.available():
+        doc["notes"].append("h2load not installed (nghttp2-client): HTTP/2 section skipped")
+        return []
+    kura_path = _kura_http_target(node).get_path
+    targets = [h2_bench.H2Target("kura-h2", node.http_port, lambda: node.pid, kura_path),
+               h2_bench.H2Target("kura-h1", node.http_port, lambda: node.pid, kura_path, http1=True)]
+    nginx = None
+    if not args.no_nginx:
+        nginx = NginxServer(workdir / "nginx-h2", http2=True,
+                            workers=int(node.env().get("KURA_HTTP_WORKERS") or os.cpu_count() or 1))
+        try:
+            nginx.start()
+            servers.append(nginx)
+            targets.insert(1, h2_bench.H2Target("nginx-h2", nginx.port, lambda: nginx.pid,
+                                                _nginx_target(nginx).get_path))
+        except ServerFailed as exc:
+            doc["notes"].append(f"nginx HTTP/2 reference skipped: {exc}")
+            _log(f"nginx HTTP/2 reference skipped: {exc}")
+            nginx = None
+    files = http_bench.make_body_files(workdir / "bodies", cfg["h2_sizes"])
+    http_bench.seed_get_bodies(_kura_http_target(node), files)
+    if nginx is not None:
+        for size, path in files.items():
+            shutil.copyfile(path, nginx.files_dir / http_bench.body_key(size))
+    keys = {size: http_bench.body_key(size) for size in files}
+    _log(f"http2: {len(keys)} sizes x {h2_bench.STREAMS} in flight x {cfg['reps']} reps x "
+         f"{len(targets)} targets")
+    rows = h2_bench.run_h2(targets, keys, cfg["h2_requests"], cfg["reps"], _log)
+    if nginx is not None:
         nginx.stop()
         servers.remove(nginx)
     return rows

@@ -1,7 +1,8 @@
 """The servers under test, each started by the harness on free loopback ports and stopped after.
 
 - ``KuraNode``: ``gunicorn -c gunicorn.conf.py`` from the repository, temp data dir.
-- ``NginxServer``: nginx in the foreground with a generated config (sendfile on, WebDAV PUT).
+- ``NginxServer``: nginx in the foreground with a generated config (sendfile on, WebDAV PUT;
+  optionally cleartext HTTP/2 instead of HTTP/1.1).
 - ``BuildGridServer``: ``bgd server start`` from bench/.venv-buildgrid (current BuildGrid,
   ``BUILDGRID_VERSION``, which needs Python >= 3.12: ``BuildGridServer.install()`` makes the
   venv with such an interpreter), in-memory CAS + AC.
@@ -161,10 +162,11 @@ def wait_http_ok(url: str, timeout_s: float, alive: object = None) -> float | No
 class NginxServer(ManagedProcess):
     """nginx serving ``files/`` with sendfile and accepting WebDAV PUT under ``/put/``."""
 
-    def __init__(self, workdir: Path, workers: int) -> None:
+    def __init__(self, workdir: Path, workers: int, http2: bool = False) -> None:
         super().__init__("nginx", workdir)
         self.port = free_port()
         self.workers = workers
+        self.http2 = http2  # cleartext HTTP/2 by prior knowledge on the port (no HTTP/1.1)
         self.root = workdir / "nginx-root"
         self.files_dir = self.root / "files"
         self.put_dir = self.root / "put"
@@ -201,7 +203,7 @@ http {{
     default_type application/octet-stream;
 {temps}
     server {{
-        listen 127.0.0.1:{self.port} reuseport;
+        listen 127.0.0.1:{self.port} reuseport{" http2" if self.http2 else ""};
         root {self.root};
         location /files/ {{ }}
         location /put/ {{

@@ -4,6 +4,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import pytest
 
 from app.settings import Settings
@@ -67,6 +68,20 @@ def node_factory(tmp_path: Path) -> Iterator:
 @pytest.fixture
 def node(node_factory) -> Node:  # type: ignore[no-untyped-def]
     return node_factory()
+
+
+# The HTTP versions every black-box protocol test runs over, as httpx reports them.
+HTTP_VERSIONS = {"http/1.1": "HTTP/1.1", "h2c": "HTTP/2"}
+
+
+@pytest.fixture(params=sorted(HTTP_VERSIONS))
+def web(request: pytest.FixtureRequest) -> Iterator[httpx.Client]:
+    """An HTTP client speaking HTTP/1.1, or cleartext HTTP/2 with prior knowledge (one
+    connection, multiplexed). ``web.http_version`` is what each response must report."""
+    h2 = request.param == "h2c"
+    with httpx.Client(http1=not h2, http2=h2, timeout=60) as client:
+        client.http_version = HTTP_VERSIONS[request.param]  # type: ignore[attr-defined]
+        yield client
 
 
 @pytest.fixture

@@ -37,6 +37,8 @@ from app.storage.staging import StagedBody
 from app.storage.store import Located
 
 CHUNK = 1024 * 1024
+# SERVER_PROTOCOL of a request that came on an HTTP/2 stream (gunicorn's HTTP/2 requests).
+HTTP2_PROTOCOL = "HTTP/2.0"
 SMALL_BODY = 64 * 1024
 MAX_JSON_DEPTH = 32  # Kura's documents nest 3 deep; json.loads recurses once per level
 
@@ -216,7 +218,11 @@ def artifact_response(located: Located, content_type: str | None = None) -> Resp
     fh = store().open_body(located)
     fh.seek(start, os.SEEK_CUR)
     wrapper = request.environ.get("wsgi.file_wrapper")
-    if "gunicorn.socket" in request.environ and wrapper is not None:
+    if request.environ.get("SERVER_PROTOCOL") == HTTP2_PROTOCOL:
+        # HTTP/2 frames the body itself: sendfile cannot apply, the stream gets segment reads.
+        metrics.SERVING_PATHS.labels("read").inc()
+        body = _bounded_reader(fh, length)
+    elif "gunicorn.socket" in request.environ and wrapper is not None:
         # gunicorn's worker sends this with os.sendfile from the current offset,
         # for exactly Content-Length bytes (serving-path metric counted there).
         body = wrapper(fh, CHUNK)

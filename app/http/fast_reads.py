@@ -5,20 +5,25 @@ parsed it. For the plain downloads (``app.http.routes.download``) it reads the t
 with the very parser the blueprint uses (``RouteSpec.parse_target`` on gunicorn's raw
 path and query), looks the artifact up and writes the whole answer itself (headers and a
 small body in one send; large bodies with the cooperative ``os.sendfile``; a Range read
-from the range's offset, ``app.http.ranges``), skipping
-Flask, Werkzeug and gunicorn's response object. Anything else — hooks enabled, a draining
-node, a miss, a target that does not parse, a request with a body, another route —
-returns False and the request goes to the normal blueprint untouched, so every error and
-edge case keeps exactly one definition: the blueprint's. An answer given here has its
-trace span like any other (``app.tracing``), which covers the whole send.
+from the range's offset, ``app.http.ranges``), skipping Flask, Werkzeug and gunicorn's
+response object. HTTP/2 streams get the same answer through gunicorn's HTTP/2 connection
+(``serve_h2``). Anything else — hooks enabled, a draining node, a miss, a target that does
+not parse, a range past the end, a request with a body, another route — returns False and
+the request goes to the normal blueprint untouched, so every error and edge case keeps
+exactly one definition: the blueprint's. An answer given here has its trace span like any
+other (``app.tracing``), which covers the whole send.
 """
 from __future__ import annotations
 
+import errno
+import os
+import ssl
 import sys
 import time
+from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from app import metrics, tracing
 from app.errors import KuraError
@@ -29,6 +34,8 @@ from app.http.services import NodeServices
 from app.storage.store import Located
 
 SendFile = Callable[[Any, int, int, int], None]
+# Where sendfile cannot go (HTTP/2 frames, TLS), a large body leaves in reads of this size.
+SEGMENT_READ = 256 * 1024
 
 
 _date_cache: list[Any] = [0, ""]
@@ -44,6 +51,31 @@ def _http_date() -> str:
 
 def _static_prefix(spec: RouteSpec) -> str:
     return spec.template[:spec.template.index("{")]
+
+
+@dataclass(frozen=True)
+class _Hit:
+    """A request the fast path answers: its route, target, the artifact found and the part
+    of it to send (``byte_range`` None: all of it)."""
+
+    spec: RouteSpec
+    path: str
+    target: Any
+    located: Located
+    byte_range: ranges.ByteRange | None
+    started: float
+
+    @property
+    def status(self) -> int:
+        return ranges.status(self.byte_range)
+
+    @property
+    def start(self) -> int:
+        return 0 if self.byte_range is None else self.byte_range.start
+
+    @property
+    def length(self) -> int:
+        return self.located.size if self.byte_range is None else self.byte_range.length
 
 
 class FastReads:
@@ -65,41 +97,64 @@ class FastReads:
         return cls(services, sendfile_all)
 
     def serve(self, req: Any, sock: Any, keep_alive: bool) -> bool:
-        """Answer ``req`` if it is a plain artifact hit; False hands it to the blueprint."""
-        if req.method not in ("GET", "HEAD") or self._node_state.draining:
+        """Answer HTTP/1.x ``req`` on ``sock`` if it is a plain artifact hit; False hands it
+        to the blueprint. The body goes out with ``os.sendfile`` unless ``sock`` is TLS."""
+        hit = self._lookup(req)
+        if hit is None:
             return False
+        self._answer(req, hit, lambda: self._respond(req, sock, hit, keep_alive))
+        if not keep_alive or req.should_close():
+            raise StopIteration()  # gunicorn's way of ending the connection after this answer
+        return True
+
+    def serve_h2(self, req: Any, h2_conn: Any) -> bool:
+        """Answer HTTP/2 ``req`` on its stream of ``h2_conn`` (gunicorn's
+        ``HTTP2ServerConnection``) if it is a plain artifact hit. HTTP/2 frames the body,
+        so it leaves in segment reads of :data:`SEGMENT_READ` bytes, never with sendfile."""
+        hit = self._lookup(req)
+        if hit is None:
+            return False
+        self._answer(req, hit, lambda: self._respond_h2(req, h2_conn, hit))
+        return True
+
+    def _lookup(self, req: Any) -> _Hit | None:
+        if req.method not in ("GET", "HEAD") or self._node_state.draining:
+            return None
         for name, value in req.headers:
             if name in ("CONTENT-LENGTH", "TRANSFER-ENCODING") and value not in ("0", ""):
-                return False
+                return None
         started = time.perf_counter()
         path = req.path
         for prefix, spec in self._specs:
             if path.startswith(prefix) and spec.match(path) is not None:
                 break
         else:
-            return False
+            return None
         try:
             target = spec.parse_target(path, req.query, self._tenant)
         except KuraError:
-            return False
+            return None
         located = self._store.lookup(spec.producer or "", target.namespace_id, target.key or "")
         if located is None:
-            return False  # the blueprint answers the miss (404 body, metrics)
+            return None  # the blueprint answers the miss (404 body, metrics)
         try:
             byte_range = ranges.select(req.method, _header(req, "RANGE"), _header(req, "IF-RANGE"),
                                        located.size)
         except KuraError:
-            return False  # the blueprint answers 416
-        status = ranges.status(byte_range)
-        producer = located.manifest.producer
-        body_size = 0 if req.method != "GET" else (
-            located.size if byte_range is None else byte_range.length)
+            return None  # the blueprint answers 416
+        return _Hit(spec, path, target, located, byte_range, started)
+
+    def _answer(self, req: Any, hit: _Hit, respond: Callable[[], bool]) -> None:
+        """Send the answer with ``respond`` (False: the client reset it part-way) and count
+        it: read, egress, request metrics, its span, the pacing sample, analytics."""
+        producer = hit.located.manifest.producer
+        body_size = hit.length if req.method == "GET" else 0
         metrics.artifact_read(producer, metrics.OK, body_size)
         span = None if tracing.TRACER is None else tracing.start_http_span(
-            req.method, spec.template, path, tracing.carrier(req.headers), None)
+            req.method, hit.spec.template, hit.path, tracing.carrier(req.headers), None)
         self._node_state.add_inflight(1)
         try:
-            self._respond(req, sock, spec, located, byte_range, keep_alive)
+            finished = respond()
         except BaseException:
             if body_size:
                 # The client went away (or the segment failed) mid-answer; how much of the
@@ -109,48 +164,102 @@ class FastReads:
         finally:
             self._node_state.add_inflight(-1)
             if span is not None:
-                tracing.set_http_response(span, req.method, status, body_size)
+                tracing.set_http_response(span, req.method, hit.status, body_size)
                 tracing.end_span(span, sys.exc_info()[1])
         if body_size:
-            metrics.artifact_egress(producer, metrics.OK, body_size)
-        elapsed = time.perf_counter() - started
-        metrics.record_http(spec.template, status, elapsed)
+            metrics.artifact_egress(producer, *((metrics.OK, body_size) if finished
+                                                else (metrics.ABORTED, 0)))
+        elapsed = time.perf_counter() - hit.started
+        metrics.record_http(hit.spec.template, hit.status, elapsed)
         self._node_state.note_latency(elapsed)  # bandwidth pacing (app.replication.pacing)
         analytics = self._services.analytics
         if analytics is not None and req.method == "GET":
-            analytics.record(producer, target.tenant_id, target.namespace_id,
-                             target.key or "", "download", located.size)
-        if not keep_alive or req.should_close():
-            raise StopIteration()  # gunicorn's way of ending the connection after this answer
-        return True
+            analytics.record(producer, hit.target.tenant_id, hit.target.namespace_id,
+                             hit.target.key or "", "download", hit.located.size)
 
-    def _respond(self, req: Any, sock: Any, spec: RouteSpec, located: Located,
-                 byte_range: ranges.ByteRange | None, keep_alive: bool) -> None:
+    def _respond(self, req: Any, sock: Any, hit: _Hit, keep_alive: bool) -> bool:
+        located = hit.located
         manifest = located.manifest
-        start, length = (0, manifest.size) if byte_range is None else (byte_range.start, byte_range.length)
-        status = ranges.status(byte_range)
+        start, length, status = hit.start, hit.length, hit.status
         close = not keep_alive or req.should_close()
-        extra = "".join(f"{name}: {value}\r\n" for name, value in ranges.response_headers(byte_range))
         head = (f"HTTP/{req.version[0]}.{req.version[1]} {status} {HTTPStatus(status).phrase}\r\n"
                 f"Server: kura\r\nDate: {_http_date()}\r\n"
                 f"Connection: {'close' if close else 'keep-alive'}\r\n"
-                f"Content-Type: {spec.content_type or manifest.content_type}\r\n"
-                + "".join(f"{name}: {value}\r\n" for name, value in manifest.headers)
-                + f"{extra}Content-Length: {length}\r\n\r\n").encode("latin-1")
+                f"Content-Type: {hit.spec.content_type or manifest.content_type}\r\n"
+                + "".join(f"{name}: {value}\r\n" for name, value in _extra_headers(hit))
+                + f"Content-Length: {length}\r\n\r\n").encode("latin-1")
         if req.method == "HEAD":
             sock.sendall(head)
-            return
+            return True
         if located.inline_body is not None:
             metrics.SERVING_PATHS.labels("inline").inc()
             sock.sendall(head + located.inline_body[start:start + length])
         elif length <= SMALL_BODY:
             metrics.SERVING_PATHS.labels("pread").inc()
             sock.sendall(head + self._store.read_bytes(located, start, length))
+        elif isinstance(sock, ssl.SSLSocket):
+            sock.sendall(head)
+            for chunk in self._segment_reads(located, start, length):
+                sock.sendall(chunk)
+            metrics.SERVING_PATHS.labels("read").inc()
         else:
             with self._store.open_body(located) as fh:
                 sock.sendall(head)
                 self._sendfile_all(sock, fh.fileno(), manifest.offset + start, length)
             metrics.SERVING_PATHS.labels("sendfile").inc()
+        return True
+
+    def _respond_h2(self, req: Any, h2_conn: Any, hit: _Hit) -> bool:
+        located = hit.located
+        manifest = located.manifest
+        start, length = hit.start, hit.length
+        stream_id = req.stream.stream_id
+        headers = [("content-type", hit.spec.content_type or manifest.content_type),
+                   *((name.lower(), value) for name, value in _extra_headers(hit)),
+                   ("content-length", str(length)),
+                   ("server", "kura"), ("date", _http_date())]
+        head_only = req.method == "HEAD" or length == 0
+        if not h2_conn.send_response_headers(stream_id, hit.status, headers, end_stream=head_only):
+            return False  # the peer reset the stream
+        if req.method == "HEAD":
+            return True
+        if length == 0:
+            path = "inline" if located.inline_body is not None else "pread"
+        elif located.inline_body is not None:
+            path = "inline"
+            h2_conn.send_data(stream_id, located.inline_body[start:start + length], end_stream=True)
+        elif length <= SMALL_BODY:
+            path = "pread"
+            h2_conn.send_data(stream_id, self._store.read_bytes(located, start, length),
+                              end_stream=True)
+        else:
+            path = "read"
+            sent = 0
+            for chunk in self._segment_reads(located, start, length):
+                sent += len(chunk)
+                # A memoryview: gunicorn slices what it sends into frames without copies.
+                if not h2_conn.send_data(stream_id, memoryview(chunk), end_stream=sent == length):
+                    return False  # reset or stalled past the timeout; gunicorn reset the stream
+        metrics.SERVING_PATHS.labels(path).inc()
+        return True
+
+    def _segment_reads(self, located: Located, start: int, length: int) -> Iterator[bytes]:
+        """``length`` bytes of the body from ``start``, in reads of :data:`SEGMENT_READ`."""
+        offset = located.manifest.offset + start
+        with self._store.open_body(located) as fh:
+            fd = fh.fileno()
+            done = 0
+            while done < length:
+                chunk = os.pread(fd, min(SEGMENT_READ, length - done), offset + done)
+                if not chunk:  # never a short body silently
+                    raise OSError(errno.EIO, "segment ended before Content-Length")
+                done += len(chunk)
+                yield chunk
+
+
+def _extra_headers(hit: _Hit) -> list[tuple[str, str]]:
+    """The headers kept from the upload (``Manifest.headers``), then the range's own."""
+    return [*hit.located.manifest.headers, *ranges.response_headers(hit.byte_range)]
 
 
 def _header(req: Any, name: str) -> str | None:

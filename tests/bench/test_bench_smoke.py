@@ -38,6 +38,13 @@ def test_smoke_run_writes_positive_kura_numbers(tmp_path: Path) -> None:
         assert kura["p50_ms"] > 0 and kura["p99_ms"] >= kura["p50_ms"], row
         assert kura["server_cpu_ms_per_request"] is not None and kura["server_cpu_ms_per_request"] > 0, row
 
+    http2 = doc["http2"]  # h2load: nghttp2-client (.ci/apt-packages-http2.txt)
+    assert {r["size_bytes"] for r in http2} == {4096, 1024 * 1024}
+    for row in http2:
+        for name in ("kura-h2", "kura-h1"):
+            kura = row["targets"][name]["median"]
+            assert kura["errors"] == 0 and kura["requests_per_s"] > 0 and kura["p99_ms"] > 0, row
+
     reapi = doc["reapi"]
     assert {r["operation"] for r in reapi} == {"GetActionResult", "FindMissingBlobs(1000)"}
     for row in reapi:

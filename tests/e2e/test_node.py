@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,54 +29,63 @@ def metric(node, name: str) -> float:
     return total
 
 
-def test_every_route_through_the_real_node(node) -> None:
+def test_every_route_through_the_real_node(node, web) -> None:
     u = node.url
-    assert requests.get(u + "/up").json()["tenant_id"] == "default"
-    assert requests.get(u + "/ready").status_code == 200
-    assert requests.get(u + "/status/rollout").json()["state"] == "serving"
-    assert requests.post(f"{u}/api/cache/cas/c1?{T}", data=b"cas").status_code == 204
-    assert requests.get(f"{u}/api/cache/cas/c1?{T}").content == b"cas"
-    assert requests.put(f"{u}/api/cache/keyvalue?{T}",
-                        json={"cas_id": "c1", "entries": [{"value": "v"}]}).status_code == 204
-    assert requests.get(f"{u}/api/cache/keyvalue/c1?{T}").json() == {"entries": [{"value": "v"}]}
-    start = requests.post(f"{u}/api/cache/module/start?{T}&hash=h&name=n").json()
-    assert requests.post(f"{u}/api/cache/module/part?{T}&upload_id={start['upload_id']}&part_number=1",
-                         data=b"mod").status_code == 204
-    assert requests.post(f"{u}/api/cache/module/complete?{T}&upload_id={start['upload_id']}",
-                         json={"parts": [1]}).status_code == 204
-    assert requests.head(f"{u}/api/cache/module/x?{T}&hash=h&name=n").status_code == 204
-    assert requests.get(f"{u}/api/cache/module/x?{T}&hash=h&name=n").content == b"mod"
-    assert requests.put(f"{u}/api/cache/gradle/g1?{T}", data=b"gr").status_code == 201
-    assert requests.get(f"{u}/gradle/acme/_/g1").content == b"gr"
-    assert requests.put(f"{u}/v1/cache/n1", data=b"nx").status_code == 200
-    assert requests.get(f"{u}/v1/cache/n1").content == b"nx"
-    assert requests.put(f"{u}/api/metro/cache/m1", data=b"metro").status_code == 200
-    assert requests.get(f"{u}/api/metro/cache/m1").content == b"metro"
-    assert requests.delete(f"{u}/api/cache/clean?{T}").status_code == 204
-    assert requests.get(f"{u}/api/cache/gradle/g1?{T}").status_code == 404
-    r = requests.get(u + "/_internal/status")
+    up = web.get(u + "/up")
+    assert up.http_version == web.http_version and up.json()["tenant_id"] == "default"
+    assert web.get(u + "/ready").status_code == 200
+    assert web.get(u + "/status/rollout").json()["state"] == "serving"
+    assert web.post(f"{u}/api/cache/cas/c1?{T}", content=b"cas").status_code == 204
+    assert web.get(f"{u}/api/cache/cas/c1?{T}").content == b"cas"
+    assert web.put(f"{u}/api/cache/keyvalue?{T}",
+                   json={"cas_id": "c1", "entries": [{"value": "v"}]}).status_code == 204
+    assert web.get(f"{u}/api/cache/keyvalue/c1?{T}").json() == {"entries": [{"value": "v"}]}
+    start = web.post(f"{u}/api/cache/module/start?{T}&hash=h&name=n").json()
+    assert web.post(f"{u}/api/cache/module/part?{T}&upload_id={start['upload_id']}&part_number=1",
+                    content=b"mod").status_code == 204
+    assert web.post(f"{u}/api/cache/module/complete?{T}&upload_id={start['upload_id']}",
+                    json={"parts": [1]}).status_code == 204
+    assert web.head(f"{u}/api/cache/module/x?{T}&hash=h&name=n").status_code == 204
+    assert web.get(f"{u}/api/cache/module/x?{T}&hash=h&name=n").content == b"mod"
+    assert web.put(f"{u}/api/cache/gradle/g1?{T}", content=b"gr").status_code == 201
+    assert web.get(f"{u}/gradle/acme/_/g1").content == b"gr"
+    assert web.put(f"{u}/v1/cache/n1", content=b"nx").status_code == 200
+    assert web.get(f"{u}/v1/cache/n1").content == b"nx"
+    assert web.put(f"{u}/api/metro/cache/m1", content=b"metro").status_code == 200
+    assert web.get(f"{u}/api/metro/cache/m1").content == b"metro"
+    assert web.delete(f"{u}/api/cache/clean?{T}").status_code == 204
+    assert web.get(f"{u}/api/cache/gradle/g1?{T}").status_code == 404
+    r = web.get(u + "/_internal/status")
     assert r.status_code == 404 and r.json() == {"message": "Not found"}
+    wrong = web.request("PATCH", f"{u}/api/cache/gradle/g1?{T}")
+    assert wrong.status_code == 405 and "GET" in wrong.headers["Allow"]
+    assert wrong.json()["message"]
+    # The internal plane is the replicator's HTTP/1.1 server, not the public port.
     assert requests.get(node.internal_url + "/_internal/status").json()["tenant_id"] == "default"
+    assert web.get(f"{u}/metrics").text.count("kura_http_requests_total{") > 0
 
 
-def test_chunked_upload_without_content_length(node) -> None:
+def test_upload_without_content_length(node, web) -> None:
+    """Metro's uploads: HTTP/1.1 chunked, HTTP/2 DATA frames with no content-length."""
     chunks = [os.urandom(100_000) for _ in range(20)]
-    r = requests.put(f"{node.url}/api/metro/cache/chunky", data=iter(chunks))
-    assert r.status_code == 200
-    assert requests.get(f"{node.url}/api/metro/cache/chunky").content == b"".join(chunks)
+    r = web.put(f"{node.url}/api/metro/cache/chunky", content=iter(chunks))
+    assert r.status_code == 200 and r.http_version == web.http_version
+    assert web.get(f"{node.url}/api/metro/cache/chunky").content == b"".join(chunks)
 
 
-def test_64_mib_round_trip_goes_through_sendfile(node) -> None:
+def test_64_mib_round_trip(node, web) -> None:
+    """HTTP/1.1 sends a large hit with sendfile; HTTP/2 must frame it, from segment reads."""
+    path = "sendfile" if web.http_version == "HTTP/1.1" else "read"
     data = os.urandom(64 * 1024 * 1024)
-    before = metric(node, 'kura_artifact_serving_paths_total{path="sendfile"}')
-    assert requests.put(f"{node.url}/api/cache/gradle/big?{T}", data=data).status_code == 201
-    r = requests.get(f"{node.url}/api/cache/gradle/big?{T}", stream=True)
-    assert r.headers["Content-Length"] == str(len(data))
+    before = metric(node, f'kura_artifact_serving_paths_total{{path="{path}"}}')
+    assert web.put(f"{node.url}/api/cache/gradle/big?{T}", content=data).status_code == 201
     digest = hashlib.sha256()
-    for chunk in r.iter_content(1024 * 1024):
-        digest.update(chunk)
+    with web.stream("GET", f"{node.url}/api/cache/gradle/big?{T}") as r:
+        assert r.headers["Content-Length"] == str(len(data))
+        for chunk in r.iter_bytes(1024 * 1024):
+            digest.update(chunk)
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
-    assert metric(node, 'kura_artifact_serving_paths_total{path="sendfile"}') == before + 1
+    assert metric(node, f'kura_artifact_serving_paths_total{{path="{path}"}}') == before + 1
 
 
 def test_50_concurrent_uploads_and_reads(node) -> None:
@@ -110,7 +120,10 @@ def test_errors_below_flask_are_json(node) -> None:
     r = requests.get(node.url + target)
     assert r.status_code == 414
     assert r.headers["Content-Type"] == "application/json"
-    assert r.json() == {"message": f"Request Line is too large ({len(f'GET {target} HTTP/1.1')} > 8190)"}
+    # The size is what gunicorn had read when it gave up: with h2c on, the first bytes of a
+    # connection are read ahead (the HTTP/2 preface check), so it is not the whole line.
+    seen = re.fullmatch(r"Request Line is too large \((\d+) > 8190\)", r.json()["message"])
+    assert seen is not None and 8190 < int(seen.group(1)) <= len(f"GET {target} HTTP/1.1")
 
 
 def test_second_node_on_same_directory_is_refused(node, tmp_path) -> None:
@@ -188,8 +201,10 @@ def test_sigkill_mid_upload_then_restart(node_factory) -> None:
     assert os.listdir(node.data_dir / "tmp" / "staging") == []
 
 
-def test_sigterm_drains_inflight_then_exits(node) -> None:
-    results: dict[str, int] = {}
+def test_sigterm_drains_inflight_then_exits(node, web) -> None:
+    """An upload in flight (an HTTP/1.1 request, or an HTTP/2 stream) finishes; new requests
+    get 503 meanwhile."""
+    results: dict[str, object] = {}
     release = threading.Event()
 
     def slow_body():
@@ -198,8 +213,8 @@ def test_sigterm_drains_inflight_then_exits(node) -> None:
         yield b"y" * 100_000
 
     def upload() -> None:
-        results["status"] = requests.put(f"{node.url}/api/cache/gradle/drain?{T}",
-                                         data=slow_body(), timeout=30).status_code
+        r = web.put(f"{node.url}/api/cache/gradle/drain?{T}", content=slow_body(), timeout=30)
+        results["status"], results["version"] = r.status_code, r.http_version
 
     thread = threading.Thread(target=upload)
     thread.start()
@@ -219,7 +234,7 @@ def test_sigterm_drains_inflight_then_exits(node) -> None:
     assert refused.headers["Connection"].lower() == "close"
     release.set()
     thread.join(30)
-    assert results["status"] == 201
+    assert results == {"status": 201, "version": web.http_version}
     node.expect_clean_stop(signalled_at, before)
 
 
@@ -233,51 +248,56 @@ def test_broken_hook_script_fails_at_start_naming_the_variable(tmp_path) -> None
     assert "KURA_EXTENSION_SCRIPT_PATH" in proc.stderr
 
 
-def test_hooks_guard_the_real_node(node_factory) -> None:
+def test_hooks_guard_the_real_node(node_factory, web) -> None:
     script = REPO / "examples" / "hooks" / "static_tokens.lua"
     node = node_factory("hooked", KURA_EXTENSION_SCRIPT_PATH=str(script),
                         KURA_EXTENSION_STATIC_READ_TOKENS="ro", KURA_EXTENSION_STATIC_WRITE_TOKENS="rw")
     url = f"{node.url}/api/cache/gradle/k?{T}"
-    assert requests.put(url, data=b"v", headers={"Authorization": "Bearer ro"}).status_code == 403
-    assert requests.put(url, data=b"v", headers={"Authorization": "Bearer rw"}).status_code == 201
-    assert requests.get(url, headers={"Authorization": "Bearer ro"}).content == b"v"
-    assert requests.get(url).status_code == 401
-    assert requests.get(node.url + "/up").status_code == 200
+    assert web.put(url, content=b"v", headers={"Authorization": "Bearer ro"}).status_code == 403
+    assert web.put(url, content=b"v", headers={"Authorization": "Bearer rw"}).status_code == 201
+    read = web.get(url, headers={"Authorization": "Bearer ro"})
+    assert read.content == b"v" and read.http_version == web.http_version
+    assert web.get(url).status_code == 401
+    assert web.get(node.url + "/up").status_code == 200
 
 
-def test_download_fast_path_agrees_with_the_blueprints(node) -> None:
+def test_download_fast_path_agrees_with_the_blueprints(node, web) -> None:
     u = node.url
-    requests.put(f"{u}/api/cache/keyvalue?{T}", json={"cas_id": "kv", "entries": [{"value": "v"}]})
-    requests.post(f"{u}/api/cache/cas/c?{T}&namespace_id=p", data=b"c" * 10, headers={"Content-Type": "x/y"})
+    web.put(f"{u}/api/cache/keyvalue?{T}", json={"cas_id": "kv", "entries": [{"value": "v"}]})
+    web.post(f"{u}/api/cache/cas/c?{T}&namespace_id=p", content=b"c" * 10, headers={"Content-Type": "x/y"})
     big = os.urandom(200_000)
-    requests.put(f"{u}/gradle/acme/proj/g", data=big)
-    requests.put(f"{u}/nx/proj/v1/cache/n", data=b"nx")
+    web.put(f"{u}/gradle/acme/proj/g", content=big)
+    web.put(f"{u}/nx/proj/v1/cache/n", content=b"nx")
     before = metric(node, 'kura_http_requests_total{route="/api/cache/cas/{id}",status="200"}')
-    kv = requests.get(f"{u}/api/cache/keyvalue/kv?{T}")
+    kv = web.get(f"{u}/api/cache/keyvalue/kv?{T}")
     assert kv.json() == {"entries": [{"value": "v"}]} and kv.headers["Content-Type"] == "application/json"
-    cas = requests.get(f"{u}/api/cache/cas/c?account_handle=acme&project_handle=p")
+    cas = web.get(f"{u}/api/cache/cas/c?account_handle=acme&project_handle=p")
     assert cas.content == b"c" * 10 and cas.headers["Content-Type"] == "x/y"
     assert cas.headers["Server"] == "kura", "a hit must be answered by the fast path"
-    assert requests.get(f"{u}/gradle/acme/proj/g/").content == big
-    assert requests.get(f"{u}/api/cache/gradle/g?{T}&namespace_id=proj").content == big
-    assert requests.get(f"{u}/v1/cache/n?namespace_id=proj").content == b"nx"
-    head = requests.head(f"{u}/nx/proj/v1/cache/n")
+    assert cas.http_version == web.http_version
+    assert web.get(f"{u}/gradle/acme/proj/g/").content == big
+    assert web.get(f"{u}/api/cache/gradle/g?{T}&namespace_id=proj").content == big
+    assert web.get(f"{u}/v1/cache/n?namespace_id=proj").content == b"nx"
+    head = web.head(f"{u}/nx/proj/v1/cache/n")
     assert head.status_code == 200 and head.headers["Content-Length"] == "2" and head.content == b""
     # What the fast path leaves to the blueprint still gets the blueprint's answers.
-    assert requests.get(f"{u}/api/cache/cas/c").json() == {"message": "Missing tenant_id"}
-    miss = requests.get(f"{u}/api/cache/cas/c?{T}")
+    assert web.get(f"{u}/api/cache/cas/c").json() == {"message": "Missing tenant_id"}
+    miss = web.get(f"{u}/api/cache/cas/c?{T}")
     assert miss.status_code == 404 and miss.headers["Server"] != "kura"  # the blueprint's 404
-    dots = requests.get(f"{u}/api/cache/cas/%2E%2E?{T}")  # requests would resolve a literal ..
+    dots = web.get(f"{u}/api/cache/cas/%2E%2E?{T}")  # a client could resolve a literal ..
     assert dots.status_code == 400
     assert dots.json() == {"message": "Invalid CAS id: path traversal is not allowed"}
     # Both paths read the query alike: an empty tenant_id is missing even with an alias.
-    empty = requests.get(f"{u}/api/cache/cas/c?tenant_id=&account_handle=acme&namespace_id=p")
+    empty = web.get(f"{u}/api/cache/cas/c?tenant_id=&account_handle=acme&namespace_id=p")
     assert empty.status_code == 400 and empty.json() == {"message": "Missing tenant_id"}
-    assert requests.get(f"{u}/api/cache/cas/c?{T}&namespace_id=&project_handle=p").status_code == 404
-    encoded = requests.get(f"{u}/api/cache/cas/%63?account_handle=acme&project_handle=%70")
+    assert web.get(f"{u}/api/cache/cas/c?{T}&namespace_id=&project_handle=p").status_code == 404
+    encoded = web.get(f"{u}/api/cache/cas/%63?account_handle=acme&project_handle=%70")
     assert encoded.content == b"c" * 10 and encoded.headers["Server"] == "kura"
     assert metric(node, 'kura_http_requests_total{route="/api/cache/cas/{id}",status="200"}') == before + 2
-    # HTTP/1.0 without keep-alive: the node answers and closes.
+
+
+def test_http10_download_without_keep_alive_closes(node) -> None:
+    requests.put(f"{node.url}/nx/proj/v1/cache/n", data=b"nx")
     with socket.create_connection(("127.0.0.1", node.port)) as sock:
         sock.sendall(b"GET /nx/proj/v1/cache/n HTTP/1.0\r\n\r\n")
         data = b""
@@ -304,15 +324,14 @@ ENCODED_SLASH_KEYS = [
 ]
 
 
-def test_artifact_routes_never_redirect(node) -> None:
+def test_artifact_routes_never_redirect(node, web) -> None:
     u = node.url
-    assert requests.post(f"{u}/api/cache/cas/victim?{T}", data=b"victim").status_code == 204
+    assert web.post(f"{u}/api/cache/cas/victim?{T}", content=b"victim").status_code == 204
     for method, target, what in ENCODED_SLASH_KEYS:
-        r = requests.request(method, u + target, data=b"x" if method != "GET" else None,
-                             allow_redirects=False)
+        r = web.request(method, u + target, content=b"x" if method != "GET" else None)
         assert r.status_code == 400, (method, target, r.status_code, r.headers.get("Location"))
         assert r.json() == {"message": f"{what}: slashes are not allowed"}, target
     for target in (f"/api/cache/cas//victim?{T}", f"/api//cache/cas/victim?{T}", "/v1/cache/victim/",
                    f"/api/cache/module/a/b?{T}&hash=h&name=n"):
-        r = requests.get(u + target, allow_redirects=False)
+        r = web.get(u + target)
         assert r.status_code == 404 and r.json() == {"message": "Not found"}, target
