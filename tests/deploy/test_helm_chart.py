@@ -35,8 +35,10 @@ NOT_FROM_THE_CHART = {
     "KURA_TMP_DIR": "staging stays on the data volume (<data>/tmp, the default)",
     "KURA_DISCOVERY_DNS_SERVER": "the cluster's resolver (the default) answers for the headless Service",
 }
-# Settings Kura's chart takes only through extraEnv/extraEnvFrom (a signing key is a secret).
-PASSED_THROUGH_PREFIXES = ("KURA_ANALYTICS_",)
+# Settings Kura's chart takes only through extraEnv/extraEnvFrom: a signing key is a secret, and
+# the public TLS listener (KURA_PUBLIC_TLS_*, KURA_HTTPS_PORT) is documented there as `extraEnv`
+# (with extraVolumes for the certificate), since an ingress usually terminates TLS.
+PASSED_THROUGH_PREFIXES = ("KURA_ANALYTICS_", "KURA_PUBLIC_TLS_", "KURA_HTTPS_PORT")
 
 # Every optional feature on, every config.* setting away from its default.
 EVERYTHING: dict[str, Any] = {
