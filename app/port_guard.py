@@ -27,6 +27,8 @@ import os
 import socket
 from dataclasses import dataclass
 
+from app import proc_table
+
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp{,6}
 TABLES = (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6))
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -86,23 +88,6 @@ def socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def children(parent: int) -> list[int]:
-    """Live child processes of ``parent``."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                raw = fh.read().decode(errors="replace")
-        except OSError:
-            continue
-        # After the command name's closing paren: state ppid ...
-        if int(raw[raw.rindex(")") + 2:].split()[1]) == parent:
-            found.append(int(name))
-    return found
-
-
 def bind_addresses(host: str, port: int) -> set[IpAddress]:
     """The addresses a server bound to ``host`` listens on."""
     infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
@@ -122,7 +107,7 @@ def foreign_listeners(host: str, port: int, parent: int) -> list[Listener]:
     if not overlapping:
         return []
     owned: set[int] = set()
-    for pid in children(parent):
+    for pid in proc_table.children(parent):
         owned |= socket_inodes(pid)
     return [item for item in overlapping if item.inode not in owned]
 

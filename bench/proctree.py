@@ -12,31 +12,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from app import proc_table
 from app.port_guard import listeners, socket_inodes
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _read_stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read().decode()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces: split after its closing paren.
-    return raw[raw.rindex(")") + 2:].split()
-
-
 def descendants(root: int) -> list[int]:
     """``root`` and every live process below it."""
     children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        fields = _read_stat(int(name))
+    for pid in proc_table.pids():
+        fields = proc_table.stat_fields(pid)
         if fields is None:
             continue
-        children.setdefault(int(fields[1]), []).append(int(name))
+        children.setdefault(int(fields[1]), []).append(pid)
     found, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -48,7 +37,7 @@ def descendants(root: int) -> list[int]:
 def tree_cpu_seconds(root: int) -> float:
     total = 0
     for pid in descendants(root):
-        fields = _read_stat(pid)
+        fields = proc_table.stat_fields(pid)
         if fields is None:
             continue
         # After the paren: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import requests
 
+from app import proc_table
 from app.drain import STOP_GRACE_S
 from app.run_dir import default_run_dir
 from app.run_dir import remove as remove_run_dir
@@ -35,20 +36,13 @@ class Proc:
 def session_processes(sid: int) -> list[Proc]:
     """Every process whose session id is ``sid``, zombies included."""
     found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                raw = fh.read().decode(errors="replace")
-            with open(f"/proc/{name}/cmdline", "rb") as fh:
-                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
+    for pid in proc_table.pids():
+        fields, command = proc_table.stat_fields(pid), proc_table.cmdline(pid)
+        if fields is None or command is None:
             continue  # exited while we looked
-        # After the command name's closing paren: state ppid pgrp session ...
-        state, ppid, _pgrp, session = raw[raw.rindex(")") + 2:].split()[:4]
+        state, ppid, _pgrp, session = fields[:4]
         if int(session) == sid:
-            found.append(Proc(int(name), int(ppid), state, cmdline))
+            found.append(Proc(pid, int(ppid), state, command))
     return found
 
 
