@@ -211,8 +211,13 @@ def on_exit(server):
     """Master, last: stop the children (SIGKILL past a short deadline), wait for workers that
     gunicorn had to SIGKILL, remove the per-run directory, release the data directory."""
     from app.drain import STOP_GRACE_S
+    from app.stop_signals import STOP_SIGNALS, ignore
     from app.supervisor import reap
 
+    # The node is stopping: a later SIGTERM/SIGINT (a second `kill`, the group signal after
+    # the master's) must not end it with -15 while Python tears down, when it has put the
+    # default actions back.
+    ignore(STOP_SIGNALS)
     deadline = time.monotonic() + STOP_GRACE_S
     for child in _children:
         child.terminate()

@@ -160,6 +160,26 @@ def test_stop_signal_right_after_up_first_answers(node_factory, send) -> None:
     node.expect_clean_stop(signalled_at, before)
 
 
+def test_stop_signals_repeated_until_the_master_is_gone_still_exit_0(node_factory) -> None:
+    """An operator (or a test harness) that sends SIGTERM again while the node is already
+    stopping: the master exits 0 however late the repeat lands. Before the fix, one landing
+    while Python tore the master down (its handlers back to the default) ended it with -15."""
+    node = node_factory("repeat", KURA_DRAIN_COMPLETION_TIMEOUT_MS="1000")
+    assert node.process is not None
+    before = node.known_pids()
+    signalled_at = time.monotonic()
+    repeats = 0
+    while node.process.poll() is None and time.monotonic() < signalled_at + node.stop_bound_s:
+        try:
+            node.process.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        repeats += 1
+        time.sleep(0.002)
+    assert repeats > 10  # the repeats covered the whole stop, its end included
+    node.expect_clean_stop(signalled_at, before)
+
+
 def test_overdue_requests_cannot_hold_the_node_past_the_bound(node_factory, held_requests) -> None:
     """An upload and a gRPC write that never finish: the drain gives up at its timeout and
     the node still stops within the bound (gunicorn alone waited 30 s, then SIGKILL)."""
