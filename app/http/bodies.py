@@ -194,7 +194,7 @@ def artifact_response(located: Located, content_type: str | None = None) -> Resp
     producer = manifest.producer
     byte_range = ranges.select(request.method, request.headers.get("Range"),
                                request.headers.get("If-Range"), manifest.size)
-    start, length = (0, manifest.size) if byte_range is None else (byte_range.start, byte_range.length)
+    start, length = ranges.extent(byte_range, manifest.size)
     status = ranges.status(byte_range)
     # Kept from the upload (Manifest.headers), then the range's own.
     headers = [*manifest.headers, *ranges.response_headers(byte_range)]

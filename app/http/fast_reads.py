@@ -70,12 +70,9 @@ class _Hit:
         return ranges.status(self.byte_range)
 
     @property
-    def start(self) -> int:
-        return 0 if self.byte_range is None else self.byte_range.start
-
-    @property
-    def length(self) -> int:
-        return self.located.size if self.byte_range is None else self.byte_range.length
+    def extent(self) -> tuple[int, int]:
+        """``(start, length)`` of the bytes the answer sends."""
+        return ranges.extent(self.byte_range, self.located.size)
 
 
 class FastReads:
@@ -148,7 +145,7 @@ class FastReads:
         """Send the answer with ``respond`` (False: the client reset it part-way) and count
         it: read, egress, request metrics, its span, the pacing sample, analytics."""
         producer = hit.located.manifest.producer
-        body_size = hit.length if req.method == "GET" else 0
+        body_size = hit.extent[1] if req.method == "GET" else 0
         metrics.artifact_read(producer, metrics.OK, body_size)
         span = None if tracing.TRACER is None else tracing.start_http_span(
             req.method, hit.spec.template, hit.path, tracing.carrier(req.headers), None)
@@ -180,7 +177,7 @@ class FastReads:
     def _respond(self, req: Any, sock: Any, hit: _Hit, keep_alive: bool) -> bool:
         located = hit.located
         manifest = located.manifest
-        start, length, status = hit.start, hit.length, hit.status
+        (start, length), status = hit.extent, hit.status
         close = not keep_alive or req.should_close()
         head = (f"HTTP/{req.version[0]}.{req.version[1]} {status} {HTTPStatus(status).phrase}\r\n"
                 f"Server: kura\r\nDate: {_http_date()}\r\n"
@@ -212,7 +209,7 @@ class FastReads:
     def _respond_h2(self, req: Any, h2_conn: Any, hit: _Hit) -> bool:
         located = hit.located
         manifest = located.manifest
-        start, length = hit.start, hit.length
+        start, length = hit.extent
         stream_id = req.stream.stream_id
         headers = [("content-type", hit.spec.content_type or manifest.content_type),
                    *((name.lower(), value) for name, value in _extra_headers(hit)),

@@ -98,3 +98,8 @@ def response_headers(byte_range: ByteRange | None) -> list[tuple[str, str]]:
 
 def status(byte_range: ByteRange | None) -> int:
     return 200 if byte_range is None else 206
+
+
+def extent(byte_range: ByteRange | None, size: int) -> tuple[int, int]:
+    """``(start, length)`` of the bytes an answer sends: the range, or the whole body."""
+    return (0, size) if byte_range is None else (byte_range.start, byte_range.length)

@@ -28,9 +28,11 @@ import logging
 import os
 import re
 
+import lmdb
+
 from app import metrics
 from app.errors import BudgetExhausted
-from app.storage.lmdb_env import from_u64, namespace_key, u64, write_txn
+from app.storage.lmdb_env import Databases, from_u64, namespace_key, u64, write_txn
 from app.storage.manifest import Manifest
 from app.storage.segments import mark_sealed, segment_path, segment_state
 from app.storage.store import ArtifactStore
@@ -251,12 +253,9 @@ class Evictor:
         relocated = 0
         with write_txn(self.store.env) as txn:
             for aid, (new_seg, new_off) in moved.items():
-                raw = txn.get(aid, db=dbs.manifests)
-                if raw is None:
+                manifest = _manifest_in(txn, dbs, aid, seg_id)
+                if manifest is None:
                     continue
-                manifest = Manifest.decode(raw)
-                if manifest.segment_id != seg_id:
-                    continue  # rewritten meanwhile: lives elsewhere now
                 txn.put(aid, manifest.relocated(new_seg, new_off).encode(), db=dbs.manifests)
                 txn.delete(u64(seg_id) + aid, db=dbs.segment_index)
                 txn.put(u64(new_seg) + aid, b"", db=dbs.segment_index)
@@ -294,12 +293,9 @@ class Evictor:
                     return dropped
                 for aid in batch:
                     txn.delete(prefix + aid, db=dbs.segment_index)
-                    raw = txn.get(aid, db=dbs.manifests)
-                    if raw is None:
+                    manifest = _manifest_in(txn, dbs, aid, seg_id)
+                    if manifest is None:
                         continue
-                    manifest = Manifest.decode(raw)
-                    if manifest.segment_id != seg_id:
-                        continue  # rewritten meanwhile: lives elsewhere now
                     txn.delete(aid, db=dbs.manifests)
                     txn.delete(namespace_key(manifest.namespace_id) + aid, db=dbs.ns_index)
                     txn.delete(aid, db=dbs.hot)
@@ -330,3 +326,13 @@ class Evictor:
                 log.warning("event=orphan_segment_unlink_failed path=%s error=%r", path, exc.strerror)
                 clean = False
         return clean
+
+
+def _manifest_in(txn: lmdb.Transaction, dbs: Databases, aid: bytes, seg_id: int) -> Manifest | None:
+    """The manifest of ``aid`` if it still lives in segment ``seg_id`` (None when it is gone
+    or was rewritten meanwhile and lives elsewhere now)."""
+    raw = txn.get(aid, db=dbs.manifests)
+    if raw is None:
+        return None
+    manifest = Manifest.decode(raw)
+    return manifest if manifest.segment_id == seg_id else None

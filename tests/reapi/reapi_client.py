@@ -19,14 +19,17 @@ def digest_of(data: bytes) -> re_pb2.Digest:
     return re_pb2.Digest(hash=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
 
 
-def upload_resource(digest: re_pb2.Digest, instance: str = "") -> str:
+def upload_resource(digest: re_pb2.Digest, instance: str = "", blobs: str = "blobs") -> str:
+    """A ByteStream write resource; ``blobs``: the segments before the digest, e.g.
+    ``blobs/blake3`` or ``compressed-blobs/zstd``."""
     prefix = f"{instance}/" if instance else ""
-    return f"{prefix}uploads/{uuid.uuid4()}/blobs/{digest.hash}/{digest.size_bytes}"
+    return f"{prefix}uploads/{uuid.uuid4()}/{blobs}/{digest.hash}/{digest.size_bytes}"
 
 
-def read_resource(digest: re_pb2.Digest, instance: str = "") -> str:
+def read_resource(digest: re_pb2.Digest, instance: str = "", blobs: str = "blobs") -> str:
+    """A ByteStream read resource (``blobs`` as for :func:`upload_resource`)."""
     prefix = f"{instance}/" if instance else ""
-    return f"{prefix}blobs/{digest.hash}/{digest.size_bytes}"
+    return f"{prefix}{blobs}/{digest.hash}/{digest.size_bytes}"
 
 
 def write_requests(data: bytes, resource: str, chunk: int = 64 * 1024,

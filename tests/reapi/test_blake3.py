@@ -12,7 +12,7 @@ import zstandard
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from app.reapi.gen.google.bytestream import bytestream_pb2 as bs_pb2
 from tests.reapi.conftest import RunningReapi
-from tests.reapi.reapi_client import digest_of, write_requests
+from tests.reapi.reapi_client import digest_of, read_resource, upload_resource, write_requests
 from tests.reapi.test_bytestream import expect_code
 
 BLAKE3 = re_pb2.DigestFunction.BLAKE3
@@ -23,13 +23,11 @@ def b3(data: bytes) -> re_pb2.Digest:
 
 
 def b3_upload(digest: re_pb2.Digest, instance: str = "") -> str:
-    prefix = f"{instance}/" if instance else ""
-    return f"{prefix}uploads/{uuid.uuid4()}/blobs/blake3/{digest.hash}/{digest.size_bytes}"
+    return upload_resource(digest, instance, "blobs/blake3")
 
 
 def b3_read(digest: re_pb2.Digest, instance: str = "") -> str:
-    prefix = f"{instance}/" if instance else ""
-    return f"{prefix}blobs/blake3/{digest.hash}/{digest.size_bytes}"
+    return read_resource(digest, instance, "blobs/blake3")
 
 
 def read_all(reapi: RunningReapi, resource: str) -> bytes:

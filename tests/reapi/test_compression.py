@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from typing import Iterator
 
 import grpc
@@ -12,20 +11,18 @@ import zstandard
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from app.reapi.gen.google.bytestream import bytestream_pb2 as bs_pb2
 from tests.reapi.conftest import RunningReapi
-from tests.reapi.reapi_client import digest_of
+from tests.reapi.reapi_client import digest_of, read_resource, upload_resource
 from tests.reapi.test_bytestream import expect_code
 
 ZSTD = re_pb2.Compressor.ZSTD
 
 
 def compressed_upload(digest: re_pb2.Digest, instance: str = "") -> str:
-    prefix = f"{instance}/" if instance else ""
-    return f"{prefix}uploads/{uuid.uuid4()}/compressed-blobs/zstd/{digest.hash}/{digest.size_bytes}"
+    return upload_resource(digest, instance, "compressed-blobs/zstd")
 
 
 def compressed_read(digest: re_pb2.Digest, instance: str = "") -> str:
-    prefix = f"{instance}/" if instance else ""
-    return f"{prefix}compressed-blobs/zstd/{digest.hash}/{digest.size_bytes}"
+    return read_resource(digest, instance, "compressed-blobs/zstd")
 
 
 def compressed_requests(wire: bytes, resource: str, first_offset: int = 0, chunk: int = 7_000,

@@ -115,13 +115,11 @@ def code_of(call: Callable[[], Any]) -> grpc.StatusCode:
 
 
 def compressed_read(digest: re_pb2.Digest, instance: str = "") -> str:
-    prefix = f"{instance}/" if instance else ""
-    return f"{prefix}compressed-blobs/identity/{digest.hash}/{digest.size_bytes}"
+    return read_resource(digest, instance, "compressed-blobs/identity")
 
 
 def compressed_upload(digest: re_pb2.Digest, instance: str = "") -> str:
-    prefix = f"{instance}/" if instance else ""
-    return f"{prefix}uploads/{uuid.uuid4()}/compressed-blobs/identity/{digest.hash}/{digest.size_bytes}"
+    return upload_resource(digest, instance, "compressed-blobs/identity")
 
 
 # -- the reproducer of issue 8 ------------------------------------------------------------
