@@ -117,9 +117,12 @@ class FastReads:
     def _lookup(self, req: Any) -> _Hit | None:
         if req.method not in ("GET", "HEAD") or self._node_state.draining:
             return None
-        for name, value in req.headers:
+        ranged: dict[str, list[str]] = {}
+        for name, value in req.headers:  # one pass over the head
             if name in ("CONTENT-LENGTH", "TRANSFER-ENCODING") and value not in ("0", ""):
                 return None
+            if name in ("RANGE", "IF-RANGE"):
+                ranged.setdefault(name, []).append(value)
         started = time.perf_counter()
         path = req.path
         for prefix, spec in self._specs:
@@ -135,8 +138,8 @@ class FastReads:
         if located is None:
             return None  # the blueprint answers the miss (404 body, metrics)
         try:
-            byte_range = ranges.select(req.method, _header(req, "RANGE"), _header(req, "IF-RANGE"),
-                                       located.size)
+            byte_range = ranges.select(req.method, _joined(ranged, "RANGE"),
+                                       _joined(ranged, "IF-RANGE"), located.size)
         except KuraError:
             return None  # the blueprint answers 416
         return _Hit(spec, path, target, located, byte_range, started)
@@ -259,8 +262,8 @@ def _extra_headers(hit: _Hit) -> list[tuple[str, str]]:
     return [*hit.located.manifest.headers, *ranges.response_headers(hit.byte_range)]
 
 
-def _header(req: Any, name: str) -> str | None:
+def _joined(headers: dict[str, list[str]], name: str) -> str | None:
     """Header ``name`` (gunicorn upper-cases names) as the blueprint reads it from gunicorn's
     environ: repeated values joined with a comma."""
-    values = [value for header, value in req.headers if header == name]
+    values = headers.get(name)
     return ",".join(values) if values else None
