@@ -46,6 +46,7 @@ from gunicorn.http2.errors import HTTP2ConnectionError, HTTP2ProtocolError
 from gunicorn.workers.ggevent import GeventWorker
 
 from app import tracing
+from app.http1_parser import KuraRequestParser, LightRequest
 from app.http2_connection import KuraHTTP2Connection, error_body, send_json_error
 from app.http_connections import REFUSAL_MESSAGE, Admission, HeadWait
 from app.stop_signals import STOP_SIGNALS, held, ignore, release
@@ -53,7 +54,7 @@ from app.stop_signals import STOP_SIGNALS, held, ignore, release
 # The master imports this module to load the worker class: nothing here may import
 # prometheus_client (multiprocess files) or the app before the fork (app.tracing imports
 # nothing of OpenTelemetry until a worker starts tracing).
-_serving_paths: Any = None
+_served: Any = None  # app.metrics.served, bound in the worker (after the fork)
 ANALYTICS_FLUSH_S = 2.0
 
 
@@ -99,7 +100,7 @@ def cooperative_sendfile(self: gunicorn_wsgi.Response, respiter: Any) -> bool:
     self.sent += nbytes
     if chunked:
         self.sock.sendall(b"\r\n")
-    _serving_paths.labels("sendfile").inc()
+    _served("sendfile")
     return True
 
 
@@ -121,7 +122,7 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str,
 def _write_file_counting_fallback(self: gunicorn_wsgi.Response, respiter: Any) -> None:
     if not self.sendfile(respiter):
         # Over TLS the file is read and encrypted in user space, as for HTTP/2 (app.http.fast_reads).
-        _serving_paths.labels("read" if isinstance(self.sock, ssl.SSLSocket) else "copy").inc()
+        _served("read" if isinstance(self.sock, ssl.SSLSocket) else "copy")
         for item in respiter:
             self.write(item)
 
@@ -302,10 +303,10 @@ class KuraGeventWorker(GeventWorker):
         gevent.spawn(self._admission.stop)
 
     def init_process(self) -> None:
-        global _serving_paths
+        global _served
         from app import metrics
 
-        _serving_paths = metrics.SERVING_PATHS
+        _served = metrics.served
         gunicorn_wsgi.Response.sendfile = cooperative_sendfile
         gunicorn_wsgi.Response.write_file = _write_file_counting_fallback
         gunicorn_util.write_error = write_json_error
@@ -332,6 +333,10 @@ class KuraGeventWorker(GeventWorker):
         self._https_port = settings.https_port
         self._probe_paths = probe_paths(self.wsgi)
         self._fast_reads = FastReads.for_app(self.wsgi, sendfile_all)
+        if self._fast_reads is not None:
+            # Plain GET/HEAD heads are read by the light parser (app.http1_parser), for the
+            # fast path; gunicorn creates one parser per connection through this function.
+            gunicorn_http.get_parser = _light_heads_first
         self.wsgi = _close_when_draining(self.wsgi)
 
     def run(self) -> None:
@@ -358,6 +363,10 @@ class KuraGeventWorker(GeventWorker):
         fast = self._fast_reads
         if fast is not None and fast.serve(req, sock, self.alive and bool(self.cfg.keepalive)):
             return True
+        if isinstance(req, LightRequest):  # not a hit: gunicorn parses the same head itself
+            req = req.parser.full_request(req)
+            if conn is not None:
+                conn.last_request = req
         return super().handle_request(listener_name, req, sock, addr)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
@@ -376,6 +385,16 @@ class KuraGeventWorker(GeventWorker):
             write_json_error(client, 400, "Bad Request", str(exc))
             return
         super().handle_error(req, client, addr, exc)
+
+
+_gunicorn_get_parser = gunicorn_http.get_parser
+
+
+def _light_heads_first(cfg: Any, source: Any, source_addr: Any, http2_connection: bool = False) -> Any:
+    """gunicorn's ``http.get_parser`` with :class:`KuraRequestParser` for HTTP/1."""
+    if http2_connection or getattr(cfg, "protocol", "http") != "http":
+        return _gunicorn_get_parser(cfg, source, source_addr, http2_connection=http2_connection)
+    return KuraRequestParser(cfg, source, source_addr)
 
 
 def _close_when_draining(app: Any) -> Callable[..., Iterable[bytes]]:

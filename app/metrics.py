@@ -20,6 +20,7 @@ variable (unit tests) the default in-process registry is used.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -54,14 +55,28 @@ HTTP_EXCEPTIONS = Counter(
     ["route", "kind"])
 
 
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: the hot paths record several samples per
+    request, and prometheus_client's ``labels`` validates and locks on every call. The
+    label values are bounded sets (routes, producers, results, statuses, paths)."""
+    key = (metric, labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
+
+
 def record_http(route: str, status: int, public_elapsed_s: float | None = None) -> None:
     """One HTTP answer: ``public_elapsed_s`` is the latency of a public request (None for
     probes, internal and unmatched routes, which Kura keeps out of the latency histogram)."""
-    HTTP_REQUESTS.labels(route, str(status)).inc()
+    child(HTTP_REQUESTS, route, str(status)).inc()
     if status >= 500:
-        HTTP_EXCEPTIONS.labels(route, SERVER_ERROR).inc()
+        child(HTTP_EXCEPTIONS, route, SERVER_ERROR).inc()
     if public_elapsed_s is not None:
-        HTTP_DURATION.labels(route).observe(public_elapsed_s)
+        child(HTTP_DURATION, route).observe(public_elapsed_s)
 
 
 # -- artifacts --------------------------------------------------------------------------
@@ -93,26 +108,31 @@ MULTIPART_PARTS = Counter(
     "rejected, error)", ["result"])
 
 
+def served(path: str) -> None:
+    """One download served by ``path`` (sendfile, pread, inline, read, copy)."""
+    child(SERVING_PATHS, path).inc()
+
+
 def artifact_read(producer: str, result: str, size: int = 0, *, count: int = 1) -> None:
     """``count`` artifact reads (one unless a batch is counted at once); ``size`` is the
     body bytes about to be served (``ok`` only)."""
-    ARTIFACT_READS.labels(producer, result).inc(count)
+    child(ARTIFACT_READS, producer, result).inc(count)
     if size > 0:
-        ARTIFACT_READ_BYTES.labels(producer, result).inc(size)
+        child(ARTIFACT_READ_BYTES, producer, result).inc(size)
 
 
 def artifact_write(producer: str, result: str, size: int = 0) -> None:
     """One artifact write; ``size`` is the body stored (``ok`` only)."""
-    ARTIFACT_WRITES.labels(producer, result).inc()
+    child(ARTIFACT_WRITES, producer, result).inc()
     if size > 0:
-        ARTIFACT_WRITE_BYTES.labels(producer, result).inc(size)
+        child(ARTIFACT_WRITE_BYTES, producer, result).inc(size)
 
 
 def artifact_egress(producer: str, result: str, sent: int) -> None:
     """One artifact response body that ended after ``sent`` body bytes."""
-    ARTIFACT_EGRESS_COMPLETIONS.labels(producer, result).inc()
+    child(ARTIFACT_EGRESS_COMPLETIONS, producer, result).inc()
     if sent > 0:
-        ARTIFACT_EGRESS_BYTES.labels(producer, result).inc(sent)
+        child(ARTIFACT_EGRESS_BYTES, producer, result).inc(sent)
 
 
 def failed_write_result(exc: BaseException) -> str:

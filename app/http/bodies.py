@@ -206,13 +206,13 @@ def artifact_response(located: Located, content_type: str | None = None) -> Resp
     metrics.artifact_read(producer, metrics.OK, length)
     request.environ[EGRESS] = (producer, length)
     if located.inline_body is not None:
-        metrics.SERVING_PATHS.labels("inline").inc()
+        metrics.served("inline")
         return Response(located.inline_body[start:start + length], status=status,
                         content_type=mimetype, headers=headers)
     if length <= SMALL_BODY:
         # One pread beats a sendfile set-up for small bodies, and lets headers and body
         # leave in one write.
-        metrics.SERVING_PATHS.labels("pread").inc()
+        metrics.served("pread")
         return Response(store().read_bytes(located, start, length), status=status,
                         content_type=mimetype, headers=headers)
     fh = store().open_body(located)
@@ -220,14 +220,14 @@ def artifact_response(located: Located, content_type: str | None = None) -> Resp
     wrapper = request.environ.get("wsgi.file_wrapper")
     if request.environ.get("SERVER_PROTOCOL") == HTTP2_PROTOCOL:
         # HTTP/2 frames the body itself: sendfile cannot apply, the stream gets segment reads.
-        metrics.SERVING_PATHS.labels("read").inc()
+        metrics.served("read")
         body = _bounded_reader(fh, length)
     elif "gunicorn.socket" in request.environ and wrapper is not None:
         # gunicorn's worker sends this with os.sendfile from the current offset,
         # for exactly Content-Length bytes (serving-path metric counted there).
         body = wrapper(fh, CHUNK)
     else:
-        metrics.SERVING_PATHS.labels("copy").inc()
+        metrics.served("copy")
         body = _bounded_reader(fh, length)
     response = Response(body, status=status, content_type=mimetype, headers=headers,
                         direct_passthrough=True)

@@ -49,8 +49,11 @@ def _http_date() -> str:
     return _date_cache[1]
 
 
-def _static_prefix(spec: RouteSpec) -> str:
-    return spec.template[:spec.template.index("{")]
+def _variable_first(spec: RouteSpec) -> bool:
+    return spec.parts[1].startswith("{")
+
+
+_STATUS_LINES = {status: f" {status} {HTTPStatus(status).phrase}\r\n" for status in (200, 206)}
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,14 @@ class FastReads:
         self._node_state = services.node_state
         self._tenant = services.settings.tenant_id
         self._sendfile_all = sendfile_all
-        # A cheap first filter; a path spelled with encoded literals fails it and simply
-        # goes to the blueprint.
-        self._specs = [(_static_prefix(spec), spec) for spec in fast_path_specs()]
+        # The candidate routes by the path's first segment, in declaration order (a route
+        # with a variable there is a candidate for every path). A path spelled with encoded
+        # literals is no candidate and simply goes to the blueprint.
+        specs = fast_path_specs()
+        firsts = {spec.parts[1] for spec in specs if not _variable_first(spec)}
+        self._candidates = {first: [spec for spec in specs if spec.parts[1] == first
+                                    or _variable_first(spec)] for first in firsts}
+        self._anywhere = [spec for spec in specs if _variable_first(spec)]
 
     @classmethod
     def for_app(cls, app: Any, sendfile_all: SendFile) -> "FastReads | None":
@@ -125,8 +133,10 @@ class FastReads:
                 ranged.setdefault(name, []).append(value)
         started = time.perf_counter()
         path = req.path
-        for prefix, spec in self._specs:
-            if path.startswith(prefix) and spec.match(path) is not None:
+        segments = path.split("/", 2)
+        candidates = self._candidates.get(segments[1], self._anywhere) if len(segments) > 1 else ()
+        for spec in candidates:
+            if spec.match(path) is not None:
                 break
         else:
             return None
@@ -182,7 +192,7 @@ class FastReads:
         manifest = located.manifest
         (start, length), status = hit.extent, hit.status
         close = not keep_alive or req.should_close()
-        head = (f"HTTP/{req.version[0]}.{req.version[1]} {status} {HTTPStatus(status).phrase}\r\n"
+        head = (f"HTTP/{req.version[0]}.{req.version[1]}{_STATUS_LINES[status]}"
                 f"Server: kura\r\nDate: {_http_date()}\r\n"
                 f"Connection: {'close' if close else 'keep-alive'}\r\n"
                 f"Content-Type: {hit.spec.content_type or manifest.content_type}\r\n"
@@ -192,21 +202,21 @@ class FastReads:
             sock.sendall(head)
             return True
         if located.inline_body is not None:
-            metrics.SERVING_PATHS.labels("inline").inc()
+            metrics.served("inline")
             sock.sendall(head + located.inline_body[start:start + length])
         elif length <= SMALL_BODY:
-            metrics.SERVING_PATHS.labels("pread").inc()
+            metrics.served("pread")
             sock.sendall(head + self._store.read_bytes(located, start, length))
         elif isinstance(sock, ssl.SSLSocket):
             sock.sendall(head)
             for chunk in self._segment_reads(located, start, length):
                 sock.sendall(chunk)
-            metrics.SERVING_PATHS.labels("read").inc()
+            metrics.served("read")
         else:
             with self._store.open_body(located) as fh:
                 sock.sendall(head)
                 self._sendfile_all(sock, fh.fileno(), manifest.offset + start, length)
-            metrics.SERVING_PATHS.labels("sendfile").inc()
+            metrics.served("sendfile")
         return True
 
     def _respond_h2(self, req: Any, h2_conn: Any, hit: _Hit) -> bool:
@@ -240,7 +250,7 @@ class FastReads:
                 # A memoryview: gunicorn slices what it sends into frames without copies.
                 if not h2_conn.send_data(stream_id, memoryview(chunk), end_stream=sent == length):
                     return False  # reset or stalled past the timeout; gunicorn reset the stream
-        metrics.SERVING_PATHS.labels(path).inc()
+        metrics.served(path)
         return True
 
     def _segment_reads(self, located: Located, start: int, length: int) -> Iterator[bytes]:

@@ -62,6 +62,12 @@ class RouteSpec:
     def parts(self) -> list[str]:
         return self.template.split("/")
 
+    @functools.cached_property
+    def _segments(self) -> tuple[tuple[str | None, str, bytes], ...]:
+        """Per template segment: the variable's name (None for a literal), the literal and
+        its bytes; worked out once, ``match`` runs on every request."""
+        return tuple((p[1:-1] if _is_var(p) else None, p, p.encode()) for p in self.parts)
+
     @property
     def flask_rule(self) -> str:
         # A variable right at the root matches one decoded segment only: matching anything,
@@ -72,19 +78,20 @@ class RouteSpec:
 
     def match(self, raw_path: str) -> dict[str, str] | None:
         """The raw segments of the template's variables, or None if the path has another shape."""
-        want = self.parts
+        want = self._segments
         got = raw_path.split("/")
         if self.trailing_slash and len(got) == len(want) + 1 and got[-1] == "":
             got.pop()
         if len(got) != len(want):
             return None
         args: dict[str, str] = {}
-        for pattern, segment in zip(want, got):
-            if _is_var(pattern):
+        for (name, literal, literal_bytes), segment in zip(want, got):
+            if name is not None:
                 if not segment:
                     return None
-                args[pattern[1:-1]] = segment
-            elif unquote_to_bytes(segment) != pattern.encode():
+                args[name] = segment
+            elif segment != literal and ("%" not in segment
+                                         or unquote_to_bytes(segment) != literal_bytes):
                 return None
         return args
 

@@ -13,6 +13,7 @@ MAX_KEY_BYTES = 1024
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # ASCII digits only: str.isdigit() also accepts "²" or "٣", which int() then refuses or reads.
 _DECIMAL = re.compile(r"[0-9]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def artifact_id(producer: str, tenant_id: str, namespace_id: str, key: str) -> bytes:
@@ -41,7 +42,7 @@ def validate_component(value: str, what: str, *, allow_slash: bool = False,
         raise BadRequest(f"Invalid {what}: not valid UTF-8") from None
     if len(encoded) > MAX_KEY_BYTES:
         raise BadRequest(f"Invalid {what}: longer than {MAX_KEY_BYTES} bytes")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL.search(value):
         raise BadRequest(f"Invalid {what}: control characters are not allowed")
     if not allow_slash and ("/" in value or "\\" in value):
         raise BadRequest(f"Invalid {what}: slashes are not allowed")

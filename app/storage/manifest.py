@@ -14,6 +14,10 @@ _HEADER_NAME = re.compile(r"[a-z0-9-]{1,64}")
 _HEADER_VALUE = re.compile(r"[\x20-\x7e]*")  # printable ASCII: nothing a response could split on
 
 _decode_json = json.JSONDecoder().decode
+# Recently decoded manifests by their stored bytes (a manifest is immutable, so the same
+# bytes are the same manifest): hot artifacts are read far more often than they change.
+DECODED_KEPT = 4096
+_decoded: dict[bytes, "Manifest"] = {}
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds one per call
 
 
@@ -56,11 +60,19 @@ class Manifest:
 
     @classmethod
     def decode(cls, raw: bytes) -> "Manifest":
-        doc = _decode_json(bytes(raw).decode())  # json.loads would sniff the encoding first
-        return cls(producer=doc["p"], namespace_id=doc["n"], key=doc["k"],
-                   content_type=doc["ct"], version_ms=doc["v"], size=doc["s"],
-                   segment_id=doc.get("seg", 0), offset=doc.get("off", 0), origin=doc.get("o", ""),
-                   headers=tuple(doc.get("h", {}).items()))
+        raw = bytes(raw)
+        found = _decoded.get(raw)
+        if found is not None:
+            return found
+        doc = _decode_json(raw.decode())  # json.loads would sniff the encoding first
+        manifest = cls(producer=doc["p"], namespace_id=doc["n"], key=doc["k"],
+                       content_type=doc["ct"], version_ms=doc["v"], size=doc["s"],
+                       segment_id=doc.get("seg", 0), offset=doc.get("off", 0),
+                       origin=doc.get("o", ""), headers=tuple(doc.get("h", {}).items()))
+        if len(_decoded) >= DECODED_KEPT:
+            _decoded.clear()
+        _decoded[raw] = manifest
+        return manifest
 
     def relocated(self, segment_id: int, offset: int) -> "Manifest":
         return replace(self, segment_id=segment_id, offset=offset)

@@ -173,8 +173,12 @@ def worker(tmp_path: Path) -> Iterator[Any]:
 
 
 def exchange(worker: Any, raw_request: bytes, fast_path_first: bool) -> bytes:
-    """Send ``raw_request`` through gunicorn's parser to the worker; the raw answer."""
+    """Send ``raw_request`` to the worker, parsed as production parses it with the fast path
+    on (``app.http1_parser``: the light parser, gunicorn's for what the fast path declines)
+    or by gunicorn's parser alone; the raw answer."""
     from gunicorn.http.parser import RequestParser
+
+    from app.http1_parser import KuraRequestParser
 
     server, client = socket.socketpair()
 
@@ -187,7 +191,8 @@ def exchange(worker: Any, raw_request: bytes, fast_path_first: bool) -> bytes:
     answer = _READER.submit(read_all)  # a large body does not fit the socket buffer
     try:
         client.sendall(raw_request)
-        req = next(RequestParser(worker.cfg, server, ("127.0.0.1", 1)))
+        parser = KuraRequestParser if fast_path_first else RequestParser
+        req = next(parser(worker.cfg, server, ("127.0.0.1", 1)))
         handler = worker.handle_request if fast_path_first else super(type(worker), worker).handle_request
         try:
             handler("127.0.0.1:4000", req, server, ("127.0.0.1", 1))
