@@ -45,7 +45,7 @@ class LightRequest(Request):
     ``Request`` that the worker and the fast path read (``should_close``, ``force_close``
     and the empty body are gunicorn's own), set without gunicorn's parsing."""
 
-    def __init__(self, parser: "KuraRequestParser", raw_head: bytes, method: str, uri: str,
+    def __init__(self, parser: KuraRequestParser, raw_head: bytes, method: str, uri: str,
                  version: tuple[int, int], headers: list[tuple[str, str]]) -> None:
         # gunicorn's Request.__init__ parses; everything it would set is set here instead.
         self.parser = parser

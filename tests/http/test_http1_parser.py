@@ -14,8 +14,10 @@ from collections import Counter
 from typing import Any
 
 from gunicorn.config import Config
+from gunicorn.http.errors import ParseException
 from gunicorn.http.parser import RequestParser
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from app.http1_parser import KuraRequestParser, LightRequest
 
@@ -84,7 +86,7 @@ def outcome(parser_class: type, raw: bytes) -> tuple[Any, ...]:
             except StopIteration:
                 seen.append("stop")
                 break
-            except Exception as exc:  # gunicorn's parse errors: the same type either way
+            except (ParseException, OSError) as exc:  # gunicorn's refusals, NoMoreData
                 seen.append(type(exc).__name__)
                 break
             seen.append((isinstance(req, LightRequest), req.method, req.path, req.query,
