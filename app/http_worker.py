@@ -369,6 +369,11 @@ class KuraGeventWorker(GeventWorker):
                 conn.last_request = req
         return super().handle_request(listener_name, req, sock, addr)
 
+    def _try_h2c_upgrade(self, listener: Any, req: Any, parser: Any, client: Any, addr: Any) -> bool:
+        if isinstance(req, LightRequest):
+            return False  # the light parser leaves every head with Upgrade to gunicorn
+        return super()._try_h2c_upgrade(listener, req, parser, client, addr)
+
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         conn = self._admission.current()
         previous = conn.last_request if conn is not None else None

@@ -17,10 +17,15 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from bench import http_bench, reapi_bench
 from bench.servers import REPO, KuraNode
+
+
+# Load runs this long before sampling starts.
+WARM_UP_S = 3.0
 
 
 def _py_spy() -> str:
@@ -83,15 +88,16 @@ def main(argv: list[str] | None = None) -> int:
                                            lambda key: f"/v1/cache/{key}", "/v1/cache/")
             http_bench.seed_get_bodies(target, files)
             load = threading.Thread(target=http_bench.measure, args=(
-                target, method, args.size, files[args.size], args.concurrency, args.seconds + 2,
-                "profile"))
+                target, method, args.size, files[args.size], args.concurrency,
+                args.seconds + WARM_UP_S + 2, "profile"))
         else:
             node.wait_grpc(60)
             rtarget = reapi_bench.ReapiTarget("kura", f"127.0.0.1:{node.grpc_port}", node.pid)
             state = reapi_bench.setup_target(rtarget, "profile")
             load = threading.Thread(target=reapi_bench.measure, args=(
-                rtarget, state, args.operation, args.concurrency, args.seconds + 2))
+                rtarget, state, args.operation, args.concurrency, args.seconds + WARM_UP_S + 2))
         load.start()
+        time.sleep(WARM_UP_S)  # every process has imported, connected and warmed its caches
         cmd = [_py_spy(), "record", "--pid", str(node.pid), "--subprocesses", "--format", "raw",
                "--rate", str(args.rate), "--duration", str(int(args.seconds)), "--output", str(out),
                "--nonblocking"]
