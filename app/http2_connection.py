@@ -8,6 +8,11 @@
    first, and every kura-py error is ``{"message": ...}``.
 2. The settings the connection advertises are the configured ones
    (:meth:`KuraHTTP2Connection.initiate_connection`).
+
+And one addition: small whole answers are held and leave together
+(:meth:`KuraHTTP2Connection.send_small_response`). gunicorn writes every frame to the socket
+as soon as h2 has encoded it, so a download took two writes (HEADERS, DATA); a client with 64
+streams in flight gets the answers to a batch of requests in one write instead.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from gunicorn.http.errors import LimitRequestHeaders, LimitRequestLine, ParseExc
 from gunicorn.http2.connection import HTTP2ServerConnection
 from gunicorn.http2.request import HTTP2Request
 from gunicorn.http2.stream import HTTP2Stream
+from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 
 # HTTP/1.1 answers these below Flask with the same statuses (gunicorn's error mapping).
@@ -39,6 +45,52 @@ def send_json_error(h2_conn: HTTP2ServerConnection, stream_id: int, status: int,
 
 
 class KuraHTTP2Connection(HTTP2ServerConnection):
+    _holding = False  # frames h2 encodes now stay in its buffer
+    _held = False  # h2's buffer has frames that were held
+
+    def send_small_response(self, stream_id: int, status: int, headers: list[tuple[str, str]],
+                            body: bytes) -> bool:
+        """Answer a stream with ``body`` whole, held back from the socket when the body fits
+        the peer's flow-control window and one frame: held frames leave with the
+        connection's next write, at the latest before it next reads from the peer (so a batch
+        of streams is answered in one write, and nothing held ever waits on the peer).
+        False when the peer reset the stream."""
+        try:
+            room = min(self.h2_conn.local_flow_control_window(stream_id),
+                       self.h2_conn.max_outbound_frame_size)
+        except H2Error:
+            room = -1  # the stream is gone: gunicorn's sends below find that out
+        self._holding = len(body) <= room
+        try:
+            if not self.send_response_headers(stream_id, status, headers, end_stream=not body):
+                return False
+            return not body or self.send_data(stream_id, body, end_stream=True)
+        finally:
+            if self._holding:
+                self._holding = False
+                self._held = True
+
+    def cleanup_stream(self, stream_id: int) -> None:
+        if not self._held or self.draining:
+            super().cleanup_stream(stream_id)
+            return
+        self._holding = True  # gunicorn writes after every stream; held frames wait for the batch
+        try:
+            super().cleanup_stream(stream_id)
+        finally:
+            self._holding = False
+
+    def _send_pending_data(self) -> None:
+        if self._holding:
+            return
+        self._held = False
+        super()._send_pending_data()
+
+    def _read_and_process(self, data: bytes | None, waiting_stream_id: int | None = None) -> Any:
+        if self._held:
+            self._send_pending_data()  # the peer may be waiting for what was held
+        return super()._read_and_process(data, waiting_stream_id)
+
     def initiate_connection(self) -> None:
         """gunicorn queues a SETTINGS frame with its configured values and then lets h2 send
         the preface SETTINGS from h2's defaults (MAX_CONCURRENT_STREAMS 100): the last frame

@@ -228,29 +228,27 @@ class FastReads:
                    *((name.lower(), value) for name, value in _extra_headers(hit)),
                    ("content-length", str(length)),
                    ("server", "kura"), ("date", _http_date())]
-        head_only = req.method == "HEAD" or length == 0
-        if not h2_conn.send_response_headers(stream_id, hit.status, headers, end_stream=head_only):
-            return False  # the peer reset the stream
-        if req.method == "HEAD":
+        if req.method == "HEAD" or length <= SMALL_BODY:
+            if req.method == "HEAD" or not length:
+                body, path = b"", "inline" if located.inline_body is not None else "pread"
+            elif located.inline_body is not None:
+                body, path = located.inline_body[start:start + length], "inline"
+            else:
+                body, path = self._store.read_bytes(located, start, length), "pread"
+            if not h2_conn.send_small_response(stream_id, hit.status, headers, body):
+                return False  # the peer reset the stream
+            if req.method == "GET":
+                metrics.served(path)
             return True
-        if length == 0:
-            path = "inline" if located.inline_body is not None else "pread"
-        elif located.inline_body is not None:
-            path = "inline"
-            h2_conn.send_data(stream_id, located.inline_body[start:start + length], end_stream=True)
-        elif length <= SMALL_BODY:
-            path = "pread"
-            h2_conn.send_data(stream_id, self._store.read_bytes(located, start, length),
-                              end_stream=True)
-        else:
-            path = "read"
-            sent = 0
-            for chunk in self._segment_reads(located, start, length):
-                sent += len(chunk)
-                # A memoryview: gunicorn slices what it sends into frames without copies.
-                if not h2_conn.send_data(stream_id, memoryview(chunk), end_stream=sent == length):
-                    return False  # reset or stalled past the timeout; gunicorn reset the stream
-        metrics.served(path)
+        if not h2_conn.send_response_headers(stream_id, hit.status, headers):
+            return False  # the peer reset the stream
+        sent = 0
+        for chunk in self._segment_reads(located, start, length):
+            sent += len(chunk)
+            # A memoryview: gunicorn slices what it sends into frames without copies.
+            if not h2_conn.send_data(stream_id, memoryview(chunk), end_stream=sent == length):
+                return False  # reset or stalled past the timeout; gunicorn reset the stream
+        metrics.served("read")
         return True
 
     def _segment_reads(self, located: Located, start: int, length: int) -> Iterator[bytes]:

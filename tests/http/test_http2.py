@@ -15,6 +15,7 @@ import sys
 import time
 
 import h2.errors
+import h2.settings
 import httpx
 import requests
 
@@ -63,6 +64,37 @@ def test_128_concurrent_streams_on_one_connection(node) -> None:
         assert [(client.answers[s].status, bytes(client.answers[s].body)) for s in streams] == \
             [(200, blob)] * 128
         assert client.goaway is None
+    finally:
+        client.close()
+
+
+def test_answers_held_for_a_batch_never_wait_on_a_small_window(node) -> None:
+    """Small answers to a batch of streams are held and written together
+    (``KuraHTTP2Connection.send_small_response``). A client whose windows are smaller than
+    the batch gets every byte anyway: an answer that does not fit the window writes what
+    was held before it waits for WINDOW_UPDATE, and the connection serves on after."""
+    blob = os.urandom(4096)
+    assert requests.put(f"{node.url}/api/cache/gradle/w?{T}", data=blob).status_code == 201
+    client = RawH2.prior_knowledge(node.port)
+    try:
+        # Per-stream window 5,000 bytes; the connection's stays 65,535: about 16 answers fit.
+        client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 5000})
+        client.sock.sendall(client.conn.data_to_send())
+        streams = []
+        for _ in range(40):  # one write for all the requests: one batch on the server
+            stream_id = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(stream_id, [(":method", "GET"), (":path", f"/api/cache/gradle/w?{T}"),
+                                                 (":scheme", "http"), (":authority", "127.0.0.1")],
+                                     end_stream=True)
+            client.answers[stream_id] = H2Answer()
+            streams.append(stream_id)
+        client.sock.sendall(client.conn.data_to_send())
+        client.read_until(client.answered(*streams), timeout=60)
+        assert [(client.answers[s].status, bytes(client.answers[s].body)) for s in streams] == \
+            [(200, blob)] * 40
+        last = client.request("GET", f"/api/cache/gradle/w?{T}")
+        client.read_until(client.answered(last))
+        assert bytes(client.answers[last].body) == blob
     finally:
         client.close()
 
