@@ -217,14 +217,13 @@ class HeadWait:
                 adm.register_wait(idle)
                 try:
                     with idle:
-                        _await_first_byte(conn.sock)  # the next request's first byte (or EOF)
+                        arrived = _await_first_byte(conn.sock)  # the next request's first byte (or EOF)
                 except gevent.Timeout as exc:
                     if exc is not idle:
                         raise
                     adm.waiting.pop(getcurrent(), None)
                     raise StopIteration() from None
                 conn.waited = True
-                arrived = _peek_now(conn.sock)
             if arrived and b"\r\n\r\n" in arrived and _body_consumed(previous):
                 return self  # the whole head is here: parsing it cannot wait, no timer needed
         seconds = adm.header_timeout_s
@@ -280,11 +279,12 @@ def _buffered(unreader: Any) -> bool:
         return view.nbytes > 0
 
 
-def _await_first_byte(sock: Any) -> None:
-    """Wait until the next request's first byte (or EOF) can be read from ``sock``."""
+def _await_first_byte(sock: Any) -> bytes | None:
+    """Wait until the next request's first byte (or EOF) can be read from ``sock``; what
+    arrived, left in place as :func:`_peek_now` returns it."""
     if isinstance(sock, ssl.SSLSocket):
         # TLS cannot peek; decrypted bytes may already wait in the TLS layer.
         if not sock.pending():
             wait_read(sock.fileno())
-    else:
-        sock.recv(1, socket.MSG_PEEK)
+        return None
+    return sock.recv(HEAD_PEEK_BYTES, socket.MSG_PEEK)
