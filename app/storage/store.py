@@ -399,14 +399,18 @@ class ArtifactStore:
         return self._commit(aid, manifest, None, extent)
 
     def put_bytes(self, producer: str, namespace_id: str, key: str, data: bytes,
-                  content_type: str = "application/octet-stream", *, inline: bool = True) -> WriteResult:
+                  content_type: str = "application/octet-stream", *, inline: bool = True,
+                  headers: tuple[tuple[str, str], ...] = ()) -> WriteResult:
+        """Publish a verified body held in memory: inline in LMDB (documents), or copied
+        into the active segment (small uploads). ``headers``: see ``Manifest.headers``."""
         aid = self.artifact_id(producer, namespace_id, key)
         if inline or not data:
-            manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data))
+            manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data),
+                                headers=headers)
             return self._commit(aid, manifest, data)
         extent = self.segments.write_bytes(data)
         manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data),
-                            extent.segment_id, extent.offset)
+                            extent.segment_id, extent.offset, headers=headers)
         return self._commit(aid, manifest, None, extent)
 
     def put_many(self, producer: str, namespace_id: str, items: Sequence[tuple[str, bytes]],
