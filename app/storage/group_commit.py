@@ -8,8 +8,14 @@ one batch:
 1. fdatasync each segment the batch wrote to, once per segment (sync stage);
 2. ONE LMDB write transaction that publishes every request of the batch
    (manifest, indexes, outbox rows), no yield while it is open (publish stage);
-3. make that transaction durable (``lmdb_env.make_durable``, which also shares
+3. make that transaction durable (``lmdb_env.durable_syncs``, which also shares
    the sync with commits of the node's other processes).
+
+Both stages run in gevent's thread pool in an HTTP worker (``offload``), so the
+worker's other requests go on while the segment and ``data.mdb`` sync: the
+transaction begins, fills and commits in one pool thread, under a lock of the
+operating system's threads. What ``apply`` runs there touches LMDB only (the
+writer reads the mesh members before it queues, ``ArtifactStore._commit``).
 
 Only then is any request of the batch answered, so nothing is acknowledged
 before its body and its metadata are durable, and nothing becomes visible before
@@ -34,8 +40,9 @@ from typing import Callable, TypeVar
 
 import lmdb
 
+from app import metrics
 from app.errors import KuraError
-from app.storage.lmdb_env import make_durable, write_txn
+from app.storage.lmdb_env import durable_syncs, write_txn
 from app.storage.segments import Extent, Offload, SegmentWriter
 
 T = TypeVar("T")
@@ -67,7 +74,7 @@ class GroupCommit:
         self._queue: list[_Request] = []
         self._queue_lock = threading.Lock()  # never held across a yield
         self._sync_lock = threading.Lock()  # one batch in the sync stage at a time
-        self._publish_lock = threading.Lock()  # one batch in the publish stage at a time
+        self._publish_lock = _thread_lock()  # one batch in the publish stage at a time
 
     @property
     def queued(self) -> int:
@@ -131,20 +138,40 @@ class GroupCommit:
 
     def _publish(self, live: list[_Request]) -> None:
         try:
-            with self._publish_lock:
-                # Must not yield while this write transaction is open (apply does not).
-                with write_txn(self._env, durable=False) as txn:
-                    txn_id = txn.id()
-                    for request in live:
-                        try:
-                            request.result = request.apply(txn)
-                        except KuraError as exc:
-                            request.error = exc
-            # Outside the publish lock: the next batch may commit meanwhile, and its commit
-            # makes this one durable too.
-            make_durable(self._env, txn_id, self._offload)
+            syncs = self._offload(self._transact, live)
         except Exception as exc:  # noqa: BLE001 - the batch failed as a whole
             for request in live:
                 request.error, request.result = exc, None
+        else:
+            if syncs:
+                metrics.STORAGE_SYNCS.labels("lmdb").inc(syncs)
         for request in live:
             request.done = True
+
+    def _transact(self, live: list[_Request]) -> int:
+        """The publish stage, in a thread of gevent's pool in an HTTP worker (``offload``):
+        the commit fdatasyncs ``data.mdb``, and the worker's other requests go on meanwhile.
+        The transaction begins, fills and commits in this one thread (LMDB's writer lock
+        belongs to a thread). Returns the ``data.mdb`` syncs, for the caller to count."""
+        with self._publish_lock:
+            # Must not yield while this write transaction is open (apply does not).
+            with write_txn(self._env, durable=False) as txn:
+                txn_id = txn.id()
+                for request in live:
+                    try:
+                        request.result = request.apply(txn)
+                    except KuraError as exc:
+                        request.error = exc
+        # Outside the publish lock: the next batch may commit meanwhile, and its commit
+        # makes this one durable too.
+        return durable_syncs(self._env, txn_id)
+
+
+def _thread_lock() -> threading.Lock:
+    """A lock of the operating system's threads, also in a monkey-patched process: taken
+    only inside the publish stage, which may run in a thread of gevent's pool."""
+    try:
+        from gevent.monkey import get_original
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return threading.Lock()
+    return get_original("_thread", "allocate_lock")()

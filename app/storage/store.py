@@ -441,9 +441,14 @@ class ArtifactStore:
     def _commit(self, aid: bytes, manifest: Manifest, inline_body: bytes | None,
                 extent: Extent | None = None) -> WriteResult:
         """Publish one local write (its body, if in ``extent``, written but not yet synced)
-        together with whatever other writes of this process are waiting (group commit)."""
+        together with whatever other writes of this process are waiting (group commit). The
+        mesh members are read here: the transaction may be filled in a thread of gevent's
+        pool, where it touches LMDB only."""
+        peers = self.peers
         return self._commits.commit(
-            lambda txn: self._commit_in(txn, aid, manifest, inline_body, None), extent)
+            lambda txn: self._commit_in(txn, aid, manifest, inline_body, None,
+                                        self._local_writes(txn, manifest.namespace_id, peers)),
+            extent)
 
     def _replicated_outcome(self, txn: lmdb.Transaction, aid: bytes, namespace_id: str,
                             order: tuple[int, str]) -> str:
@@ -455,10 +460,13 @@ class ArtifactStore:
             return IGNORED_STALE
         return APPLIED
 
-    def _local_writes(self, txn: lmdb.Transaction, namespace_id: str) -> _LocalWrites:
-        """What the local writes to ``namespace_id`` in this write transaction share; raises
-        BudgetExhausted when the outbox is full."""
-        peers = self.peers
+    def _local_writes(self, txn: lmdb.Transaction, namespace_id: str,
+                      peers: tuple[str, ...] | None = None) -> _LocalWrites:
+        """What the local writes to ``namespace_id`` in this write transaction share (to
+        ``peers``, default the current mesh members); raises BudgetExhausted when the
+        outbox is full."""
+        if peers is None:
+            peers = self.peers
         if peers:
             self.outbox.raise_if_full(txn)
         return _LocalWrites(self._tombstone(txn, self.dbs, namespace_id), peers, self.now_ms(),

@@ -103,3 +103,36 @@ def test_a_failed_segment_sync_fails_its_writes_and_publishes_nothing(settings: 
     assert body(store, "kept") == b"b" * 4096
     assert body(store, "lost") is None
     store.close()
+
+
+def test_the_commit_runs_where_blocking_work_is_offloaded(settings: Settings,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LMDB commit fdatasyncs data.mdb: it runs through ``offload`` (gevent's thread pool in
+    an HTTP worker), never in the writer's own thread, where it would stall the worker's other
+    requests for the length of a disk flush."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.storage import group_commit
+
+    pool = ThreadPoolExecutor(2)
+
+    def offload(fn: Callable[..., object], *args: object) -> object:
+        return pool.submit(fn, *args).result()
+
+    commit_threads: list[int] = []
+    real_write_txn = group_commit.write_txn
+
+    def recording_write_txn(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        commit_threads.append(threading.get_ident())
+        return real_write_txn(*args, **kwargs)
+
+    monkeypatch.setattr(group_commit, "write_txn", recording_write_txn)
+    store = ArtifactStore(settings, offload=offload)
+    put(store, "warm", b"w")  # opens the active segment
+    lmdb_before = syncs("lmdb")
+    put(store, "k", b"k" * 4096)
+    assert commit_threads and threading.get_ident() not in commit_threads
+    assert syncs("lmdb") - lmdb_before == 2  # a lone write: its commit, then its meta page
+    assert body(store, "k") == b"k" * 4096
+    store.close()
+    pool.shutdown()
