@@ -158,7 +158,7 @@ def receive_small_body(limit: int, too_large_message: str = "Payload too large",
     as :func:`receive_body` verifies a staged one. No staging file: it is one chunk of
     memory either way, and it goes straight into a segment (``ArtifactStore.put_bytes``)."""
     declared = _declared_length(limit, too_large_message) or 0
-    store().check_write_budget()
+    store().check_write_budget(staged=False)
     stream = request.environ["wsgi.input"]
     pieces = []
     received = 0

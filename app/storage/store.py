@@ -353,12 +353,16 @@ class ArtifactStore:
             log.debug("event=read_marks_dropped count=%d error=%r", len(pending), str(exc))
 
     # -- writes -------------------------------------------------------------------
-    def check_write_budget(self) -> None:
-        """Cheap early rejection before a body is read (429 instead of wasted upload)."""
+    def check_write_budget(self, *, staged: bool = True) -> None:
+        """Cheap early rejection before a body is read (429 instead of wasted upload).
+        ``staged``: the body will be staged in the tmp dir (not a small upload held in
+        memory), so a full staging budget refuses it too."""
         if self.peers and self.outbox.depth() >= self.settings.outbox_max_depth:
             metrics.BACKPRESSURE.labels("outbox").inc()
             raise BudgetExhausted(
                 f"replication outbox is full (KURA_OUTBOX_MAX_DEPTH={self.settings.outbox_max_depth})")
+        if not staged:
+            return
         try:
             self.staging.probe_writable()
         except BudgetExhausted:

@@ -28,6 +28,15 @@ def test_a_small_upload_needs_no_room_in_the_tmp_staging_budget(tmp_path: Path) 
         # A body that is staged still counts against it.
         r = client.put("/api/cache/gradle/big" + T, data=b"b" * (SMALL_UPLOAD_BYTES + 1))
         assert r.status_code == 429 and "KURA_TMP_DIR_MAX_BYTES" in r.json["message"]
+        # A full budget refuses staged bodies only.
+        staging = app.extensions["kura"].store.staging
+        staging.reserve(512 * 1024)
+        try:
+            r = client.put("/api/cache/gradle/big" + T, data=b"b" * (SMALL_UPLOAD_BYTES + 1))
+            assert r.status_code == 429 and "KURA_TMP_DIR_MAX_BYTES" in r.json["message"]
+            assert client.put("/api/cache/gradle/small2" + T, data=body).status_code == 201
+        finally:
+            staging.release(512 * 1024)
     finally:
         app.extensions["kura"].store.close()
 
