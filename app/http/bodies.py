@@ -157,7 +157,9 @@ def receive_small_body(limit: int, too_large_message: str = "Payload too large",
     """The request body of a small upload (:func:`is_small_upload`), read whole and verified
     as :func:`receive_body` verifies a staged one. No staging file: it is one chunk of
     memory either way, and it goes straight into a segment (``ArtifactStore.put_bytes``)."""
-    declared = _declared_length(limit, too_large_message) or 0
+    declared = _declared_length(limit, too_large_message)
+    if declared is None or declared > SMALL_UPLOAD_BYTES:
+        raise ValueError("receive_small_body() is for small uploads (see is_small_upload)")
     store().check_write_budget(staged=False)
     stream = request.environ["wsgi.input"]
     pieces = []
