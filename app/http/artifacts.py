@@ -6,7 +6,7 @@ from flask import Response, request
 from app import metrics
 from app.errors import NotFound
 from app.http import routes
-from app.http.bodies import artifact_response, receive_body
+from app.http.bodies import artifact_response, is_small_upload, receive_body, receive_small_body
 from app.http.services import services, store
 from app.storage.store import WriteResult
 
@@ -38,10 +38,16 @@ def store_upload(producer: str, namespace_id: str, key: str, limit: int,
     to send back on its downloads: ``Manifest.headers``)."""
     mimetype = content_type or request.mimetype or "application/octet-stream"
     try:
-        with receive_body(limit, too_large, expected_sha256) as staged:
-            result = store().put_staged(producer, namespace_id, key, staged, mimetype,
-                                        headers=headers)
-            size = staged.size
+        if is_small_upload():
+            data = receive_small_body(limit, too_large, expected_sha256)
+            result = store().put_bytes(producer, namespace_id, key, data, mimetype, inline=False,
+                                       headers=headers)
+            size = len(data)
+        else:
+            with receive_body(limit, too_large, expected_sha256) as staged:
+                result = store().put_staged(producer, namespace_id, key, staged, mimetype,
+                                            headers=headers)
+                size = staged.size
     except Exception as exc:
         metrics.artifact_write(producer, metrics.failed_write_result(exc))
         raise

@@ -33,13 +33,18 @@ from app import metrics
 from app.errors import BadRequest, TooLarge, TruncatedBody
 from app.http import ranges
 from app.http.services import store
-from app.storage.staging import StagedBody
+from app.storage.content_digests import SHA256, hexdigest
+from app.storage.segments import SMALL_WRITE_BYTES
+from app.storage.staging import StagedBody, verify_body
 from app.storage.store import Located
 
 CHUNK = 1024 * 1024
 # SERVER_PROTOCOL of a request that came on an HTTP/2 stream (gunicorn's HTTP/2 requests).
 HTTP2_PROTOCOL = "HTTP/2.0"
 SMALL_BODY = 64 * 1024
+# Uploads up to this size are received in memory and copied into a segment by the
+# receiving greenlet (``SegmentWriter.write_bytes``), without a staging file.
+SMALL_UPLOAD_BYTES = SMALL_WRITE_BYTES
 MAX_JSON_DEPTH = 32  # Kura's documents nest 3 deep; json.loads recurses once per level
 
 _BRACKETS = b"[]{}"
@@ -131,12 +136,50 @@ def _all_text(doc: Any) -> bool:
     return True
 
 
-def receive_body(limit: int, too_large_message: str = "Payload too large",
-                 expected_sha256: str | None = None) -> StagedBody:
-    """Stream the request body into a staged temp file and verify it. Caller closes it."""
+def _declared_length(limit: int, too_large_message: str) -> int | None:
+    """The request's Content-Length (None: chunked), refused with ``TooLarge`` over ``limit``."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise TooLarge(too_large_message)
+    return declared
+
+
+def is_small_upload() -> bool:
+    """Whether the request body is small enough to be received in memory
+    (:func:`receive_small_body`): its length is declared and at most
+    :data:`SMALL_UPLOAD_BYTES`."""
+    declared = request.content_length
+    return declared is not None and declared <= SMALL_UPLOAD_BYTES
+
+
+def receive_small_body(limit: int, too_large_message: str = "Payload too large",
+                       expected_sha256: str | None = None) -> bytes:
+    """The request body of a small upload (:func:`is_small_upload`), read whole and verified
+    as :func:`receive_body` verifies a staged one. No staging file: it is one chunk of
+    memory either way, and it goes straight into a segment (``ArtifactStore.put_bytes``)."""
+    declared = _declared_length(limit, too_large_message)
+    if declared is None or declared > SMALL_UPLOAD_BYTES:
+        raise ValueError("receive_small_body() is for small uploads (see is_small_upload)")
+    store().check_write_budget(staged=False)
+    stream = request.environ["wsgi.input"]
+    pieces = []
+    received = 0
+    while received < declared:
+        chunk = read_body_chunk(stream, declared - received)
+        if not chunk:
+            break
+        pieces.append(chunk)
+        received += len(chunk)
+    data = b"".join(pieces)
+    verify_body(len(data), declared, expected_sha256, SHA256,
+                lambda: hexdigest(SHA256, data))
+    return data
+
+
+def receive_body(limit: int, too_large_message: str = "Payload too large",
+                 expected_sha256: str | None = None) -> StagedBody:
+    """Stream the request body into a staged temp file and verify it. Caller closes it."""
+    declared = _declared_length(limit, too_large_message)
     target = store()
     target.check_write_budget()
     stream = request.environ["wsgi.input"]

@@ -33,3 +33,10 @@ EMPTY_HASHES = {name: new().hexdigest() for name, new in _HASHERS.items()}
 def new_hasher(function: str) -> Hasher:
     """A fresh hasher for ``function`` (one of ``DIGEST_FUNCTIONS``)."""
     return _HASHERS[function]()
+
+
+def hexdigest(function: str, data: bytes) -> str:
+    """The hex digest of ``data`` under ``function``."""
+    hasher = new_hasher(function)
+    hasher.update(data)
+    return hasher.hexdigest()

@@ -3,20 +3,26 @@
 A writer copies its body into this process's segment without a sync
 (``SegmentWriter.write``) and hands :meth:`GroupCommit.commit` what it wants to
 publish. The writer that takes the queue commits every request queued so far as
-one batch:
+one batch, in ONE call of ``offload`` (a thread of gevent's pool in an HTTP
+worker, so the worker's other requests go on while the disk flushes):
 
-1. fdatasync each segment the batch wrote to, once per segment (sync stage);
+1. fdatasync each segment the batch wrote to, once per segment;
 2. ONE LMDB write transaction that publishes every request of the batch
-   (manifest, indexes, outbox rows), no yield while it is open (publish stage);
-3. make that transaction durable (``lmdb_env.make_durable``, which also shares
-   the sync with commits of the node's other processes).
+   (manifest, indexes, outbox rows), begun, filled and committed in that thread
+   (LMDB's writer lock belongs to a thread), no yield while it is open; what
+   ``apply`` runs there touches LMDB only (the writer reads the mesh members
+   before it queues, ``ArtifactStore._commit``);
+3. make that transaction durable (``lmdb_env.durable_syncs``, which shares the
+   sync with later commits of the node's other processes).
 
 Only then is any request of the batch answered, so nothing is acknowledged
 before its body and its metadata are durable, and nothing becomes visible before
 its body is synced (the store's invariant). Writers that arrive meanwhile queue
-for the next batch, whose segment sync runs while this one publishes: under
-concurrency one sync covers many writes and the stages overlap; a lone write
-pays what it paid before (one segment sync, one commit).
+for the next batch: under concurrency one batch covers every write that arrived
+while the previous one synced, and a lone write pays one hand-off to the pool,
+one segment sync and one commit. (Overlapping a batch's segment sync with the
+previous batch's commit made smaller batches and twice the hand-offs: with a
+fixed number of writers in flight it was slower.)
 
 A request's ``apply`` runs inside the shared transaction and may raise a
 ``KuraError`` only before it writes anything (a full outbox, an evicted
@@ -34,8 +40,9 @@ from typing import Callable, TypeVar
 
 import lmdb
 
+from app import metrics
 from app.errors import KuraError
-from app.storage.lmdb_env import make_durable, write_txn
+from app.storage.lmdb_env import durable_syncs, write_txn
 from app.storage.segments import Extent, Offload, SegmentWriter
 
 T = TypeVar("T")
@@ -66,8 +73,7 @@ class GroupCommit:
         self._offload = offload
         self._queue: list[_Request] = []
         self._queue_lock = threading.Lock()  # never held across a yield
-        self._sync_lock = threading.Lock()  # one batch in the sync stage at a time
-        self._publish_lock = threading.Lock()  # one batch in the publish stage at a time
+        self._batch_lock = threading.Lock()  # one batch of this process at a time
 
     @property
     def queued(self) -> int:
@@ -97,17 +103,19 @@ class GroupCommit:
         (its writer then just waits: every queued request's writer comes here in turn)."""
         batch: list[_Request] = []
         try:
-            with self._sync_lock:
+            with self._batch_lock:
                 if own is not None and own.taken:
                     return
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
                 for request in batch:
                     request.taken = True
-                self._sync_segments(batch)
-            live = [request for request in batch if not request.done]
-            if live:
-                self._publish(live)
+                if batch:
+                    segment_syncs, lmdb_syncs = self._offload(self._make_durable, batch)  # type: ignore[misc]
+                    if segment_syncs:
+                        metrics.STORAGE_SYNCS.labels("segment").inc(segment_syncs)
+                    if lmdb_syncs:
+                        metrics.STORAGE_SYNCS.labels("lmdb").inc(lmdb_syncs)
         finally:
             for request in batch:
                 if not request.done:  # this greenlet was interrupted (a timeout, a kill)
@@ -117,34 +125,47 @@ class GroupCommit:
                     self._segments.release(request.extent)
                 request.finished.set()
 
-    def _sync_segments(self, batch: list[_Request]) -> None:
+    def _make_durable(self, batch: list[_Request]) -> tuple[int, int]:
+        """Sync, publish and make durable ``batch``, in one call of ``offload`` (a thread of
+        gevent's pool in an HTTP worker: the worker's other requests go on meanwhile).
+        Returns the fdatasyncs of segments and of ``data.mdb``, for the caller to count."""
+        segment_syncs = self._sync_segments(batch)
+        live = [request for request in batch if not request.done]
+        lmdb_syncs = self._publish(live) if live else 0
+        for request in live:
+            request.done = True
+        return segment_syncs, lmdb_syncs
+
+    def _sync_segments(self, batch: list[_Request]) -> int:
         by_segment: dict[int, list[_Request]] = {}
         for request in batch:
             if request.extent is not None:
                 by_segment.setdefault(request.extent.segment_id, []).append(request)
+        synced = 0
         for requests in by_segment.values():
             try:
-                self._segments.sync(requests[0].extent)  # type: ignore[arg-type]
+                self._segments.fdatasync(requests[0].extent)  # type: ignore[arg-type]
+                synced += 1
             except Exception as exc:  # noqa: BLE001 - handed to each writer of that segment
                 for request in requests:
                     request.error, request.done = exc, True
+        return synced
 
-    def _publish(self, live: list[_Request]) -> None:
+    def _publish(self, live: list[_Request]) -> int:
+        """ONE write transaction for ``live``, begun, filled and committed in this thread
+        (LMDB's writer lock belongs to a thread), then made durable; returns the syncs of
+        ``data.mdb``. Any error but a request's own ``KuraError`` fails them all."""
         try:
-            with self._publish_lock:
-                # Must not yield while this write transaction is open (apply does not).
-                with write_txn(self._env, durable=False) as txn:
-                    txn_id = txn.id()
-                    for request in live:
-                        try:
-                            request.result = request.apply(txn)
-                        except KuraError as exc:
-                            request.error = exc
-            # Outside the publish lock: the next batch may commit meanwhile, and its commit
-            # makes this one durable too.
-            make_durable(self._env, txn_id, self._offload)
+            # Must not yield while this write transaction is open (apply does not).
+            with write_txn(self._env, durable=False) as txn:
+                txn_id = txn.id()
+                for request in live:
+                    try:
+                        request.result = request.apply(txn)
+                    except KuraError as exc:
+                        request.error = exc
+            return durable_syncs(self._env, txn_id)
         except Exception as exc:  # noqa: BLE001 - the batch failed as a whole
             for request in live:
                 request.error, request.result = exc, None
-        for request in live:
-            request.done = True
+            return 0

@@ -132,13 +132,23 @@ def write_txn(env: lmdb.Environment, offload: Callable[..., object] | None = Non
 def make_durable(env: lmdb.Environment, txn_id: int,
                  offload: Callable[..., object] | None = None) -> None:
     """Make the committed write transaction ``txn_id`` durable (see the module docstring)."""
+    syncs = durable_syncs(env, txn_id, offload)
+    if syncs:
+        metrics.STORAGE_SYNCS.labels("lmdb").inc(syncs)
+
+
+def durable_syncs(env: lmdb.Environment, txn_id: int,
+                  offload: Callable[..., object] | None = None) -> int:
+    """:func:`make_durable` without counting: returns how many fdatasyncs of ``data.mdb``
+    made the commit durable (its own, and one for its meta page unless a later commit did
+    that), for the caller to count where metrics may be recorded (not in a thread of
+    gevent's pool)."""
     with env.begin() as txn:
         last = txn.id()  # the newest committed transaction of any process
     if last < txn_id:
-        return  # the commit changed nothing: LMDB wrote and synced nothing
-    metrics.STORAGE_SYNCS.labels("lmdb").inc()  # the commit's own fdatasync of its data pages
+        return 0  # the commit changed nothing: LMDB wrote and synced nothing
     if last > txn_id:
-        return  # a later commit fdatasynced data.mdb after our meta page was written
+        return 1  # a later commit fdatasynced data.mdb after our meta page was written
     try:
         if offload is None:
             env.sync(True)
@@ -147,7 +157,7 @@ def make_durable(env: lmdb.Environment, txn_id: int,
     except lmdb.Error as exc:
         raise_if_lmdb_full(env, exc)
         raise
-    metrics.STORAGE_SYNCS.labels("lmdb").inc()
+    return 2
 
 
 def namespace_key(namespace_id: str) -> bytes:

@@ -249,14 +249,15 @@ class SegmentWriter:
         """Done with ``extent``: its space is never reused (it may be published)."""
         self._release(extent.segment, extent.offset, extent.length, failed=False)
 
-    def sync(self, extent: Extent) -> None:
-        """fdatasync the segment that holds ``extent`` (and everything else written to it)."""
+    def fdatasync(self, extent: Extent) -> None:
+        """fdatasync the segment that holds ``extent`` (and everything else written to it),
+        in the calling thread (the group commit runs it in ``offload``) and not counted
+        (the caller counts it, outside gevent's pool)."""
         try:
-            self._offload(os.fdatasync, extent.fd)
+            os.fdatasync(extent.fd)
         except OSError as exc:
             raise_if_disk_full(exc)
             raise
-        metrics.STORAGE_SYNCS.labels("segment").inc()
 
     def rotate(self) -> None:
         """Seal the active segment now; the next append starts a new one (the evictor, when

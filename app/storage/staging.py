@@ -38,6 +38,21 @@ def _anonymous_file(directory: str) -> int:
     return fd
 
 
+def verify_body(size: int, expected_size: int | None, expected_hash: str | None,
+                digest_function: str, hexdigest: Callable[[], str]) -> None:
+    """The checks a received body passes before it is stored, wherever it was received
+    (staged, or in memory when small): ``TruncatedBody`` when it is shorter than
+    ``expected_size`` (a client that went away), ``DigestMismatch`` when its size or its
+    ``digest_function`` digest (``hexdigest()``, computed only when ``expected_hash`` is
+    given) is not the expected one."""
+    if expected_size is not None and size != expected_size:
+        if size < expected_size:
+            raise TruncatedBody(f"Incomplete body: received {size} of {expected_size} bytes")
+        raise DigestMismatch(f"Body size {size} does not match expected {expected_size}")
+    if expected_hash is not None and hexdigest() != expected_hash:
+        raise DigestMismatch(f"Body does not match its {digest_function} digest")
+
+
 class StagedBody:
     """One body being received. Use as a context manager; the file is closed on exit.
 
@@ -129,14 +144,9 @@ class StagedBody:
 
     def finish(self, *, expected_size: int | None = None, expected_hash: str | None = None) -> None:
         """Verify: a short body (client disconnect) or a wrong digest (``expected_hash``, hex,
-        of this body's digest function) is rejected."""
-        if expected_size is not None and self.size != expected_size:
-            if self.size < expected_size:
-                raise TruncatedBody(
-                    f"Incomplete body: received {self.size} of {expected_size} bytes")
-            raise DigestMismatch(f"Body size {self.size} does not match expected {expected_size}")
-        if expected_hash is not None and self.hexdigest != expected_hash:
-            raise DigestMismatch(f"Body does not match its {self.digest_function} digest")
+        of this body's digest function) is rejected (:func:`verify_body`)."""
+        verify_body(self.size, expected_size, expected_hash, self.digest_function,
+                    lambda: self.hexdigest)
 
     @property
     def hexdigest(self) -> str:

@@ -353,12 +353,16 @@ class ArtifactStore:
             log.debug("event=read_marks_dropped count=%d error=%r", len(pending), str(exc))
 
     # -- writes -------------------------------------------------------------------
-    def check_write_budget(self) -> None:
-        """Cheap early rejection before a body is read (429 instead of wasted upload)."""
+    def check_write_budget(self, *, staged: bool = True) -> None:
+        """Cheap early rejection before a body is read (429 instead of wasted upload).
+        ``staged``: the body will be staged in the tmp dir (not a small upload held in
+        memory), so a full staging budget refuses it too."""
         if self.peers and self.outbox.depth() >= self.settings.outbox_max_depth:
             metrics.BACKPRESSURE.labels("outbox").inc()
             raise BudgetExhausted(
                 f"replication outbox is full (KURA_OUTBOX_MAX_DEPTH={self.settings.outbox_max_depth})")
+        if not staged:
+            return
         try:
             self.staging.probe_writable()
         except BudgetExhausted:
@@ -399,14 +403,18 @@ class ArtifactStore:
         return self._commit(aid, manifest, None, extent)
 
     def put_bytes(self, producer: str, namespace_id: str, key: str, data: bytes,
-                  content_type: str = "application/octet-stream", *, inline: bool = True) -> WriteResult:
+                  content_type: str = "application/octet-stream", *, inline: bool = True,
+                  headers: tuple[tuple[str, str], ...] = ()) -> WriteResult:
+        """Publish a verified body held in memory: inline in LMDB (documents), or copied
+        into the active segment (small uploads). ``headers``: see ``Manifest.headers``."""
         aid = self.artifact_id(producer, namespace_id, key)
         if inline or not data:
-            manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data))
+            manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data),
+                                headers=headers)
             return self._commit(aid, manifest, data)
         extent = self.segments.write_bytes(data)
         manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data),
-                            extent.segment_id, extent.offset)
+                            extent.segment_id, extent.offset, headers=headers)
         return self._commit(aid, manifest, None, extent)
 
     def put_many(self, producer: str, namespace_id: str, items: Sequence[tuple[str, bytes]],
@@ -437,9 +445,14 @@ class ArtifactStore:
     def _commit(self, aid: bytes, manifest: Manifest, inline_body: bytes | None,
                 extent: Extent | None = None) -> WriteResult:
         """Publish one local write (its body, if in ``extent``, written but not yet synced)
-        together with whatever other writes of this process are waiting (group commit)."""
+        together with whatever other writes of this process are waiting (group commit). The
+        mesh members are read here: the transaction may be filled in a thread of gevent's
+        pool, where it touches LMDB only."""
+        peers = self.peers
         return self._commits.commit(
-            lambda txn: self._commit_in(txn, aid, manifest, inline_body, None), extent)
+            lambda txn: self._commit_in(txn, aid, manifest, inline_body, None,
+                                        self._local_writes(txn, manifest.namespace_id, peers)),
+            extent)
 
     def _replicated_outcome(self, txn: lmdb.Transaction, aid: bytes, namespace_id: str,
                             order: tuple[int, str]) -> str:
@@ -451,10 +464,13 @@ class ArtifactStore:
             return IGNORED_STALE
         return APPLIED
 
-    def _local_writes(self, txn: lmdb.Transaction, namespace_id: str) -> _LocalWrites:
-        """What the local writes to ``namespace_id`` in this write transaction share; raises
-        BudgetExhausted when the outbox is full."""
-        peers = self.peers
+    def _local_writes(self, txn: lmdb.Transaction, namespace_id: str,
+                      peers: tuple[str, ...] | None = None) -> _LocalWrites:
+        """What the local writes to ``namespace_id`` in this write transaction share (to
+        ``peers``, default the current mesh members); raises BudgetExhausted when the
+        outbox is full."""
+        if peers is None:
+            peers = self.peers
         if peers:
             self.outbox.raise_if_full(txn)
         return _LocalWrites(self._tombstone(txn, self.dbs, namespace_id), peers, self.now_ms(),

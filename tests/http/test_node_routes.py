@@ -147,12 +147,15 @@ def test_disk_full_is_429_and_leaves_nothing(client, app, monkeypatch) -> None:
     def no_space(*_args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(segments, "_copy", no_space)  # every body copy into a segment
-    r = client.put("/api/cache/gradle/full?tenant_id=a", data=b"x" * 10_000)
-    assert r.status_code == 429
-    assert "disk is full" in r.json["message"] and r.headers["Retry-After"]
+    # Every body copy into a segment: from a staging file, and from memory (small uploads).
+    monkeypatch.setattr(segments, "_copy", no_space)
+    monkeypatch.setattr(segments, "_pwrite_all", no_space)
     store = app.extensions["kura"].store
-    assert store.lookup("gradle", "", "full") is None
-    assert store.staging.used_bytes() == 0
+    for size in (10_000, 100_000):
+        r = client.put("/api/cache/gradle/full?tenant_id=a", data=b"x" * size)
+        assert r.status_code == 429
+        assert "disk is full" in r.json["message"] and r.headers["Retry-After"]
+        assert store.lookup("gradle", "", "full") is None
+        assert store.staging.used_bytes() == 0
     monkeypatch.undo()
     assert client.put("/api/cache/gradle/full?tenant_id=a", data=b"x").status_code == 201

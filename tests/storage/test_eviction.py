@@ -121,20 +121,22 @@ def test_a_writer_starts_a_new_segment_a_minute_after_the_last_one(settings: Set
     store.close()
 
 
-def test_bytes_appended_to_a_segment_evicted_meanwhile_are_never_published(settings: Settings) -> None:
+def test_bytes_appended_to_a_segment_evicted_meanwhile_are_never_published(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """The evictor takes a segment while a write to it waits for its fdatasync: the write must
     fail (and can be retried), not publish a manifest that points at an unlinked file."""
     evictor: list[Evictor] = []
     armed = [True]
+    real_fdatasync = os.fdatasync
 
-    def offload(fn: Callable[..., object], *args: object) -> object:
-        result = fn(*args)
+    def fdatasync(fd: int) -> None:
+        real_fdatasync(fd)
         if armed[0] and evictor:
             armed[0] = False
             evictor[0].evict_segment(evictor[0].store.segments.active_segment_id)
-        return result
 
-    store = ArtifactStore(settings, offload=offload)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    store = ArtifactStore(settings)
     evictor.append(Evictor(store, capacity_bytes=1))
     with pytest.raises(BudgetExhausted):
         store.put_bytes("gradle", "", "k", b"x" * KIB, inline=False)

@@ -37,21 +37,23 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) 
         time.sleep(0.01)
 
 
-def test_writes_queued_during_a_sync_share_the_next_sync_and_commit(settings: Settings) -> None:
+def test_writes_queued_during_a_sync_share_the_next_sync_and_commit(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first writer's segment sync is held open until four more writers have queued: those
     four are then published by one segment fdatasync and one LMDB commit, and every one of
     them returns only after it."""
     gate = threading.Event()
     gate.set()
     segment_syncs: list[int] = []
+    real_fdatasync = os.fdatasync
 
-    def offload(fn: Callable[..., object], *args: object) -> object:
-        if fn is os.fdatasync:
-            segment_syncs.append(args[0])  # type: ignore[arg-type]
-            gate.wait(30)
-        return fn(*args)
+    def fdatasync(fd: int) -> None:  # LMDB syncs data.mdb in C, not through this
+        segment_syncs.append(fd)
+        gate.wait(30)
+        real_fdatasync(fd)
 
-    store = ArtifactStore(settings, offload=offload)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    store = ArtifactStore(settings)
     datas = {f"k{i}": os.urandom(4096) for i in range(5)}
     errors: list[BaseException] = []
 
@@ -86,15 +88,18 @@ def test_writes_queued_during_a_sync_share_the_next_sync_and_commit(settings: Se
     store.close()
 
 
-def test_a_failed_segment_sync_fails_its_writes_and_publishes_nothing(settings: Settings) -> None:
+def test_a_failed_segment_sync_fails_its_writes_and_publishes_nothing(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     failing = [True]
+    real_fdatasync = os.fdatasync
 
-    def offload(fn: Callable[..., object], *args: object) -> object:
-        if fn is os.fdatasync and failing[0]:
+    def fdatasync(fd: int) -> None:
+        if failing[0]:
             raise OSError(errno.EIO, "injected I/O error")
-        return fn(*args)
+        real_fdatasync(fd)
 
-    store = ArtifactStore(settings, offload=offload)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    store = ArtifactStore(settings)
     with pytest.raises(OSError):
         put(store, "lost", b"a" * 4096)
     assert body(store, "lost") is None
@@ -103,3 +108,43 @@ def test_a_failed_segment_sync_fails_its_writes_and_publishes_nothing(settings: 
     assert body(store, "kept") == b"b" * 4096
     assert body(store, "lost") is None
     store.close()
+
+
+def test_a_batch_syncs_and_commits_where_blocking_work_is_offloaded(settings: Settings,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LMDB commit fdatasyncs data.mdb: it runs through ``offload`` (gevent's thread pool in
+    an HTTP worker), never in the writer's own thread, where it would stall the worker's other
+    requests for the length of a disk flush. The segment sync, the commit and the meta-page
+    sync of a batch take one hand-off."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.storage import group_commit
+
+    pool = ThreadPoolExecutor(2)
+
+    handoffs: list[object] = []
+
+    def offload(fn: Callable[..., object], *args: object) -> object:
+        handoffs.append(fn)
+        return pool.submit(fn, *args).result()
+
+    commit_threads: list[int] = []
+    real_write_txn = group_commit.write_txn
+
+    def recording_write_txn(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        commit_threads.append(threading.get_ident())
+        return real_write_txn(*args, **kwargs)
+
+    monkeypatch.setattr(group_commit, "write_txn", recording_write_txn)
+    store = ArtifactStore(settings, offload=offload)
+    put(store, "warm", b"w")  # opens the active segment
+    lmdb_before, segment_before = syncs("lmdb"), syncs("segment")
+    handoffs.clear()
+    put(store, "k", b"k" * 4096)
+    assert commit_threads and threading.get_ident() not in commit_threads
+    assert len(handoffs) == 1
+    assert syncs("segment") - segment_before == 1
+    assert syncs("lmdb") - lmdb_before == 2  # a lone write: its commit, then its meta page
+    assert body(store, "k") == b"k" * 4096
+    store.close()
+    pool.shutdown()
