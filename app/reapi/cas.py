@@ -162,9 +162,6 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
                 item.status.SetInParent()  # OK: code 0, present on the wire as before
             else:
                 add(digest=digest).status.CopyFrom(_status(outcome))
-        # upb serializes a message of many large bytes fields several times faster once its
-        # size is known (measured: 600 x 4 KiB, 8 ms alone, 2 ms with this call first).
-        response.ByteSize()
         return response
 
     def GetTree(self, request: re_pb2.GetTreeRequest,
