@@ -60,8 +60,9 @@ class BlobDigest(NamedTuple):
     def _path(self) -> str:
         # SHA256 keys keep their original form (SPEC §2); another function is a segment of
         # the key, so the same bytes under two functions are two artifacts.
-        prefix = "" if self.function == SHA256 else f"{self.function}/"
-        return f"{prefix}{self.hash}/{self.size}"
+        if self.function == SHA256:
+            return f"{self.hash}/{self.size}"
+        return f"{self.function}/{self.hash}/{self.size}"
 
     @property
     def cas_key(self) -> str:
