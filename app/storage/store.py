@@ -5,10 +5,10 @@ segment path. One instance per process, opened after any fork.
 
 Invariant for every write: the body is in a segment and fdatasync'ed before
 one short LMDB write transaction publishes manifest + indexes + outbox rows, and
-the write is acknowledged only once that transaction is durable. Single-artifact
-writes of one process go through ``GroupCommit``, so concurrent ones share those
-syncs and that transaction. Nothing may yield to another greenlet while a write
-transaction is open.
+the write is acknowledged only once that transaction is durable. Local writes of
+one process (single artifacts and ``put_many`` batches) go through ``GroupCommit``,
+so concurrent ones share those syncs and that transaction. Nothing may yield to
+another greenlet while a write transaction is open.
 """
 from __future__ import annotations
 
