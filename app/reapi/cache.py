@@ -184,7 +184,7 @@ class ReapiCache:
         with _WriteOutcome():
             items = [(digest.cas_key, data) for digest, data in blobs if not digest.is_empty]
             self.store.put_many(PRODUCER, namespace, items)
-            # Counted once per batch, not per blob: labels() costs as much as a blob's commit.
+            # One counter update per batch, not one per blob.
             if items:
                 metrics.artifact_write(PRODUCER, metrics.OK, sum(len(data) for _, data in items),
                                        count=len(items))
