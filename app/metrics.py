@@ -121,9 +121,10 @@ def artifact_read(producer: str, result: str, size: int = 0, *, count: int = 1) 
         child(ARTIFACT_READ_BYTES, producer, result).inc(size)
 
 
-def artifact_write(producer: str, result: str, size: int = 0) -> None:
-    """One artifact write; ``size`` is the body stored (``ok`` only)."""
-    child(ARTIFACT_WRITES, producer, result).inc()
+def artifact_write(producer: str, result: str, size: int = 0, *, count: int = 1) -> None:
+    """``count`` artifact writes (one unless a batch is counted at once); ``size`` is the
+    body bytes stored (``ok`` only)."""
+    child(ARTIFACT_WRITES, producer, result).inc(count)
     if size > 0:
         child(ARTIFACT_WRITE_BYTES, producer, result).inc(size)
 

@@ -184,12 +184,15 @@ class ReapiCache:
         with _WriteOutcome():
             items = [(digest.cas_key, data) for digest, data in blobs if not digest.is_empty]
             self.store.put_many(PRODUCER, namespace, items)
-            for _, data in items:
-                metrics.artifact_write(PRODUCER, metrics.OK, len(data))
+            # One counter update per batch, not one per blob.
+            if items:
+                metrics.artifact_write(PRODUCER, metrics.OK, sum(len(data) for _, data in items),
+                                       count=len(items))
 
-    def note_existing_write(self) -> None:
-        """A write skipped because the blob is already stored."""
-        metrics.artifact_write(PRODUCER, metrics.EXISTS)
+    def note_existing_write(self, count: int = 1) -> None:
+        """``count`` writes skipped because their blob is already stored."""
+        if count:
+            metrics.artifact_write(PRODUCER, metrics.EXISTS, count=count)
 
     # -- action cache -------------------------------------------------------------
     def get_action_result(self, namespace: str, action: BlobDigest) -> bytes:

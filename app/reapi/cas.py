@@ -71,23 +71,26 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
                          context: grpc.ServicerContext) -> re_pb2.BatchUpdateBlobsResponse:
         namespace = namespace_for(request.instance_name)
         function = digest_function_for(request.digest_function)
-        _check_entries(len(request.requests))
-        total = sum(len(r.data) for r in request.requests)
+        # Each entry's wrapper and bytes are taken once: every access copies them.
+        entries = list(request.requests)
+        _check_entries(len(entries))
+        sent = [entry.data for entry in entries]
+        total = sum(map(len, sent))
         if total > MAX_BATCH_TOTAL_SIZE_BYTES:
             raise BadRequest(f"Batch of {total} bytes exceeds max_batch_total_size_bytes "
                              f"({MAX_BATCH_TOTAL_SIZE_BYTES})")
-        expanded = sum(max(0, r.digest.size_bytes) for r in request.requests
-                       if r.compressor != re_pb2.Compressor.IDENTITY)
+        expanded = sum(max(0, e.digest.size_bytes) for e in entries
+                       if e.compressor != re_pb2.Compressor.IDENTITY)
         if expanded > MAX_BATCH_DECOMPRESSED_BYTES:
             raise BadRequest(f"Compressed blobs of {expanded} bytes in one batch exceed "
                              f"{MAX_BATCH_DECOMPRESSED_BYTES} bytes")
         self.cache.check_write_budget()
         parsed: list[BlobDigest | BaseException] = []
         datas: list[bytes] = []
-        for entry in request.requests:
+        for entry, data in zip(entries, sent):
             try:
                 digest = parse_digest(entry.digest, "blob digest", function)
-                datas.append(_decoded(entry, digest))
+                datas.append(_decoded(entry.compressor, data, digest))
                 parsed.append(digest)
             except BadRequest as exc:
                 datas.append(b"")
@@ -95,67 +98,70 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         present = {d for d in parsed if isinstance(d, BlobDigest)}
         present -= set(self.cache.missing(namespace, present))
         response = re_pb2.BatchUpdateBlobsResponse()
+        add = response.responses.add
         to_store: list[tuple[BlobDigest, bytes]] = []
         stored_items = []
-        for entry, digest, data in zip(request.requests, parsed, datas):
-            item = response.responses.add(digest=entry.digest)
+        existing = 0
+        for entry, digest, data in zip(entries, parsed, datas):
+            item = add(digest=entry.digest)
             if isinstance(digest, BaseException):
                 item.status.CopyFrom(_status(digest))
-                continue
-            if not _matches(data, digest):
+            elif not _matches(data, digest):
                 item.status.CopyFrom(_status(DigestMismatch(f"Blob data does not match digest {digest}")))
-                continue
-            if digest in present:
-                self.cache.note_existing_write()
+            elif digest in present:
+                existing += 1
+                item.status.SetInParent()  # OK: code 0, present on the wire as before
             else:
                 to_store.append((digest, data))
                 present.add(digest)
                 stored_items.append(item)
-                continue
-            item.status.CopyFrom(_status())
+        self.cache.note_existing_write(existing)
         if to_store:
             # One durable write for the whole batch: every blob in it succeeds or fails together.
             try:
                 self.cache.put_many(namespace, to_store)
             except KuraError as exc:
                 outcome = _status(exc)
+                for item in stored_items:
+                    item.status.CopyFrom(outcome)
             else:
-                outcome = _status()
-            for item in stored_items:
-                item.status.CopyFrom(outcome)
+                for item in stored_items:
+                    item.status.SetInParent()
         return response
 
     def BatchReadBlobs(self, request: re_pb2.BatchReadBlobsRequest,
                        context: grpc.ServicerContext) -> re_pb2.BatchReadBlobsResponse:
         namespace = namespace_for(request.instance_name)
         function = digest_function_for(request.digest_function)
-        _check_entries(len(request.digests))
-        total = sum(max(0, d.size_bytes) for d in request.digests)
+        requested = list(request.digests)
+        _check_entries(len(requested))
+        total = sum(max(0, d.size_bytes) for d in requested)
         if total > MAX_BATCH_TOTAL_SIZE_BYTES:
             raise BadRequest(f"Batch read of {total} bytes exceeds max_batch_total_size_bytes "
                              f"({MAX_BATCH_TOTAL_SIZE_BYTES})")
         # Compressors the client does not name, or this cache does not serve, are not used.
         zstd = to_enum(ZSTD) in request.acceptable_compressors
         parsed: list[BlobDigest | BadRequest] = []
-        for requested in request.digests:
+        for digest in requested:
             try:
-                parsed.append(parse_digest(requested, "blob digest", function))
+                parsed.append(parse_digest(digest, "blob digest", function))
             except BadRequest as exc:
                 parsed.append(exc)
         bodies = iter(self.cache.read_many(namespace,
                                            [d for d in parsed if isinstance(d, BlobDigest)]))
         response = re_pb2.BatchReadBlobsResponse()
-        for requested, digest in zip(request.digests, parsed):
-            item = response.responses.add(digest=requested)
-            outcome = digest if isinstance(digest, BadRequest) else next(bodies)
+        add = response.responses.add
+        for digest, outcome in zip(requested, parsed):
+            if not isinstance(outcome, BadRequest):
+                outcome = next(bodies)
             if isinstance(outcome, bytes):
                 if zstd:
-                    item.data, item.compressor = compress(outcome), to_enum(ZSTD)
+                    item = add(digest=digest, data=compress(outcome), compressor=to_enum(ZSTD))
                 else:
-                    item.data = outcome
-                item.status.CopyFrom(_OK)
+                    item = add(digest=digest, data=outcome)
+                item.status.SetInParent()  # OK: code 0, present on the wire as before
             else:
-                item.status.CopyFrom(_status(outcome))
+                add(digest=digest).status.CopyFrom(_status(outcome))
         return response
 
     def GetTree(self, request: re_pb2.GetTreeRequest,
@@ -214,13 +220,13 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             yield data, directory
 
 
-def _decoded(entry: re_pb2.BatchUpdateBlobsRequest.Request, digest: BlobDigest) -> bytes:
-    """An entry's blob bytes, decompressed when it names a compressor (at most its digest's
-    size: more is a mismatch)."""
-    if compressor_from_enum(entry.compressor) == IDENTITY:
-        return entry.data
+def _decoded(compressor: int, data: bytes, digest: BlobDigest) -> bytes:
+    """An entry's blob bytes (``data`` as sent with ``compressor``), decompressed when it
+    names a compressor (at most its digest's size: more is a mismatch)."""
+    if compressor_from_enum(compressor) == IDENTITY:
+        return data
     try:
-        return decompress_bounded(entry.data, digest.size)
+        return decompress_bounded(data, digest.size)
     except TooLarge:
         raise DigestMismatch(f"Blob data does not match digest {digest}") from None
 

@@ -13,6 +13,10 @@ from app import metrics
 from app.errors import BudgetExhausted
 from app.storage.lmdb_env import Databases, next_counter, read_counter, u64, write_txn
 
+# One encoder for every row: json.dumps with arguments builds a new one per call, and a
+# batch write enqueues a message per artifact.
+_encode_message = json.JSONEncoder(separators=(",", ":")).encode
+
 
 class Outbox:
     def __init__(self, env: lmdb.Environment, dbs: Databases, max_depth: int) -> None:
@@ -40,7 +44,7 @@ class Outbox:
         if not peers:
             return
         seq = u64(next_counter(txn, self._dbs.meta, b"outbox_seq"))
-        body = json.dumps(message, separators=(",", ":")).encode()
+        body = _encode_message(message).encode()
         for peer in peers:
             txn.put(peer.encode() + b"\0" + seq, body, db=self._dbs.outbox)
 

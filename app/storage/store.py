@@ -5,10 +5,10 @@ segment path. One instance per process, opened after any fork.
 
 Invariant for every write: the body is in a segment and fdatasync'ed before
 one short LMDB write transaction publishes manifest + indexes + outbox rows, and
-the write is acknowledged only once that transaction is durable. Single-artifact
-writes of one process go through ``GroupCommit``, so concurrent ones share those
-syncs and that transaction. Nothing may yield to another greenlet while a write
-transaction is open.
+the write is acknowledged only once that transaction is durable. Local writes of
+one process (single artifacts and ``put_many`` batches) go through ``GroupCommit``,
+so concurrent ones share those syncs and that transaction. Nothing may yield to
+another greenlet while a write transaction is open.
 """
 from __future__ import annotations
 
@@ -286,7 +286,8 @@ class ArtifactStore:
 
     def read_many(self, located: Sequence[Located]) -> list[bytes | NotFound]:
         """The whole bodies of small artifacts (batch reads): each segment is opened once
-        for all the bodies in it. A body that cannot be read is NotFound in its place."""
+        for all the bodies in it, and bodies stored back to back (a batch written together)
+        are read with one pread. A body that cannot be read is NotFound in its place."""
         out: list[bytes | NotFound] = [b""] * len(located)
         by_segment: dict[int, list[int]] = {}
         for index, item in enumerate(located):
@@ -307,11 +308,16 @@ class ArtifactStore:
                 raise_if_disk_full(exc)
                 raise
             try:
-                for index in indexes:
-                    item = located[index]
-                    data = os.pread(fd, item.size, item.manifest.offset)
-                    self._note_read(item)
-                    out[index] = data if len(data) == item.size else NotFound("Artifact not found")
+                for run in _adjacent_runs(located, indexes):
+                    first = located[run[0]].manifest.offset
+                    last = located[run[-1]]
+                    data = os.pread(fd, last.manifest.offset + last.size - first, first)
+                    for index in run:
+                        item = located[index]
+                        start = item.manifest.offset - first
+                        body = data[start:start + item.size] if len(run) > 1 else data
+                        self._note_read(item)
+                        out[index] = body if len(body) == item.size else NotFound("Artifact not found")
             finally:
                 os.close(fd)
         return out
@@ -419,28 +425,34 @@ class ArtifactStore:
 
     def put_many(self, producer: str, namespace_id: str, items: Sequence[tuple[str, bytes]],
                  content_type: str = "application/octet-stream") -> list[WriteResult]:
-        """Publish many small bodies with one segment append, one fdatasync and one LMDB
-        transaction (REAPI BatchUpdateBlobs): all of them or, on error, none."""
+        """Publish many small bodies with one segment append and one LMDB transaction (REAPI
+        BatchUpdateBlobs): all of them or, on error, none. The group commit syncs the append
+        and the transaction, shared with this process's other writes waiting meanwhile."""
         if not items:
             return []
-        datas = [data for _, data in items]
         aids = self.artifact_ids(producer, namespace_id, [key for key, _ in items])
-        seg_id, base = self.segments.append_bytes(b"".join(datas)) if any(datas) else (0, 0)
-        results = []
-        offset = base
-        # Must not yield while this write transaction is open.
-        with write_txn(self.env) as txn:
+        body = b"".join(data for _, data in items)
+        extent = self.segments.write_bytes(body) if body else None
+
+        def apply(txn: lmdb.Transaction) -> list[WriteResult]:
             local = self._local_writes(txn, namespace_id)
+            if extent is not None:
+                # Checked before anything is written: a failure then leaves no row behind.
+                self._require_publishable(txn, extent.segment_id, local)
+            results = []
+            offset = extent.offset if extent is not None else 0
             for (key, data), aid in zip(items, aids):
                 if data:
                     manifest = Manifest(producer, namespace_id, key, content_type, 0, len(data),
-                                        seg_id, offset)
+                                        extent.segment_id, offset)  # type: ignore[union-attr]
                     results.append(self._commit_in(txn, aid, manifest, None, None, local))
                 else:
                     manifest = Manifest(producer, namespace_id, key, content_type, 0, 0)
                     results.append(self._commit_in(txn, aid, manifest, b"", None, local))
                 offset += len(data)
-        return results
+            return results
+
+        return self._commits.commit(apply, extent)
 
     def _commit(self, aid: bytes, manifest: Manifest, inline_body: bytes | None,
                 extent: Extent | None = None) -> WriteResult:
@@ -504,14 +516,8 @@ class ArtifactStore:
             ns_key = local.ns_key
         old_visible = old is not None and old.version_ms > tomb
         segment_id = manifest.segment_id
-        if segment_id and not (local is not None and segment_id in local.publishable):
-            if not publishable(txn, dbs, segment_id):
-                # The evictor took the segment between the append and this commit (it was the
-                # oldest and the disk needed its space): publishing would point at nothing.
-                metrics.BACKPRESSURE.labels("disk").inc()
-                raise BudgetExhausted(DISK_FULL_MESSAGE, retry_after_s=1)
-            if local is not None:
-                local.publishable.add(segment_id)
+        if segment_id:
+            self._require_publishable(txn, segment_id, local)
         txn.put(aid, manifest.encode(), db=dbs.manifests)
         txn.put(ns_key + aid, b"", db=dbs.ns_index)
         if old is not None and old.segment_id and old.segment_id != segment_id:
@@ -526,6 +532,19 @@ class ArtifactStore:
             self.outbox.enqueue(txn, local.peers,
                                 {"op": "put", "aid": aid.hex(), "v": manifest.version_ms})
         return WriteResult(aid, not old_visible, manifest.version_ms)
+
+    def _require_publishable(self, txn: lmdb.Transaction, segment_id: int,
+                             local: _LocalWrites | None) -> None:
+        """Raise BudgetExhausted when the evictor took ``segment_id`` between the append and
+        this commit (it was the oldest and the disk needed its space): publishing would point
+        at nothing. ``local`` remembers the segments checked in this transaction."""
+        if local is not None and segment_id in local.publishable:
+            return
+        if not publishable(txn, self.dbs, segment_id):
+            metrics.BACKPRESSURE.labels("disk").inc()
+            raise BudgetExhausted(DISK_FULL_MESSAGE, retry_after_s=1)
+        if local is not None:
+            local.publishable.add(segment_id)
 
     def replicated_outcomes(self, items: Sequence[ReplicatedArtifact],
                             aids: Sequence[bytes] | None = None) -> list[str]:
@@ -697,6 +716,26 @@ class ArtifactStore:
         self.segments.close()
         self.env.close()
 
+
+
+# One pread in ``read_many`` covers at most this many bytes of adjacent bodies.
+MAX_READ_RUN_BYTES = 4 * 1024 * 1024
+
+
+def _adjacent_runs(located: Sequence[Located], indexes: list[int]) -> list[list[int]]:
+    """``indexes`` (bodies of one segment) grouped into runs stored back to back, each
+    run at most ``MAX_READ_RUN_BYTES`` long (a body longer than that is a run alone)."""
+    runs: list[list[int]] = []
+    end = start = -1
+    for index in sorted(indexes, key=lambda i: located[i].manifest.offset):
+        manifest = located[index].manifest
+        if manifest.offset == end and end + manifest.size - start <= MAX_READ_RUN_BYTES:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+            start = manifest.offset
+        end = manifest.offset + manifest.size
+    return runs
 
 
 def _staged_fd(item: ReplicatedArtifact) -> int:

@@ -98,6 +98,26 @@ def test_batch_read(reapi: RunningReapi) -> None:
     assert [r.digest for r in response.responses][:2] == [d, absent]
 
 
+def test_digest_hash_with_a_trailing_newline_is_invalid(reapi: RunningReapi) -> None:
+    digest = digest_of(b"payload")
+    with pytest.raises(grpc.RpcError) as err:
+        reapi.client.missing([re_pb2.Digest(hash=digest.hash + "\n", size_bytes=digest.size_bytes)])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_batch_read_in_any_order_of_blobs_written_together(reapi: RunningReapi) -> None:
+    blobs = [os.urandom(50 + i) for i in range(8)]
+    digests = [digest_of(b) for b in blobs]
+    assert batch_update(reapi, list(zip(digests[:6], blobs[:6]))) == [OK] * 6
+    assert batch_update(reapi, list(zip(digests[6:], blobs[6:]))) == [OK] * 2
+    order = [7, 2, 0, 1, 2, 6, 5, 4, 3]
+    response = reapi.client.cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(
+        digests=[digests[i] for i in order]), timeout=30)
+    assert [(r.status.code, r.digest, r.data) for r in response.responses] == [
+        (OK, digests[i], blobs[i]) for i in order]
+    assert all(r.HasField("status") for r in response.responses)
+
+
 def _directory(files: dict[str, bytes], dirs: dict[str, re_pb2.Digest]) -> re_pb2.Directory:
     return re_pb2.Directory(
         files=[re_pb2.FileNode(name=n, digest=digest_of(b)) for n, b in sorted(files.items())],

@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 
 from app.errors import BadRequest
-from app.reapi.digests import (EMPTY_DIGEST, digest_from_parts, namespace_for, parse_read_resource,
-                               parse_write_resource)
+from app.reapi.digests import (EMPTY_DIGEST, digest_from_parts, namespace_for, parse_digests,
+                               parse_read_resource, parse_write_resource)
+from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 H = "a" * 64
 
@@ -67,3 +68,21 @@ def test_empty_digest_and_namespace_rules() -> None:
     for bad in ("/x", "x/", "a/../b", "a/blobs/b", "x" * 2000):
         with pytest.raises(BadRequest):
             namespace_for(bad)
+
+
+@pytest.mark.parametrize("bad_hash", [H + "\n", H[:-1] + " ", " " + H[1:], H[:62] + "\u00e9a",
+                                      "g" * 64, H[:63], H + "a", ""])
+def test_digest_hash_is_64_hex_digits_and_nothing_else(bad_hash: str) -> None:
+    """A trailing newline passed the old ``^...$`` pattern (``$`` matches before it)."""
+    with pytest.raises(BadRequest):
+        digest_from_parts(bad_hash, 1)
+    with pytest.raises(BadRequest):
+        parse_digests([re_pb2.Digest(hash=bad_hash, size_bytes=1)])
+
+
+def test_parse_digests_lowers_hashes_and_keeps_the_empty_blob() -> None:
+    parsed = parse_digests([re_pb2.Digest(hash=H.upper(), size_bytes=3),
+                            re_pb2.Digest(hash=EMPTY_DIGEST.hash, size_bytes=0)])
+    assert parsed == [digest_from_parts(H, 3), EMPTY_DIGEST]
+    with pytest.raises(BadRequest):
+        parse_digests([re_pb2.Digest(hash=H, size_bytes=0)])  # size 0 is the empty blob only

@@ -225,6 +225,25 @@ def test_put_many_publishes_a_batch_with_one_append(settings: Settings) -> None:
     store.close()
 
 
+def test_read_many_of_bodies_stored_back_to_back(settings: Settings,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch written together is read back with few preads, whatever the order asked,
+    with repeats, bounded runs and bodies from other writes in between."""
+    import app.storage.store as store_module
+
+    monkeypatch.setattr(store_module, "MAX_READ_RUN_BYTES", 100)
+    store = ArtifactStore(settings)
+    first = [(f"a{i}", bytes([i]) * (10 + i)) for i in range(12)]
+    store.put_many("reapi", "default", first)
+    store.put_many("reapi", "default", [("b", b"between")])
+    store.put_many("reapi", "default", [("c", b"c" * 30)])
+    keys = ["c", "a3", "a0", "b", "a11", "a3", "a1", "a2"] + [key for key, _ in first[4:11]]
+    located = store.lookup_many("reapi", "default", keys)
+    expected = {key: data for key, data in first} | {"b": b"between", "c": b"c" * 30}
+    assert store.read_many(located) == [expected[key] for key in keys]
+    store.close()
+
+
 def test_large_body_becomes_its_own_segment_without_a_copy(store: ArtifactStore) -> None:
     from app.storage.store import ADOPT_MIN_BYTES
 
