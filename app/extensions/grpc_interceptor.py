@@ -52,8 +52,8 @@ log = logging.getLogger("kura.extensions")
 
 # The HTTP-equivalent status of a call that succeeded (Kura passes 200).
 OK_STATUS_CODE = 200
-_METADATA_KEY = re.compile(r"^[0-9a-z_.\-]+$")
-_METADATA_VALUE = re.compile(r"^[\x20-\x7e]*$")
+_METADATA_KEY = re.compile(r"[0-9a-z_.\-]+")
+_METADATA_VALUE = re.compile(r"[\x20-\x7e]*")
 _TRANSPORT_HEADERS = frozenset(("content-type", "te", "user-agent", "content-length", "host",
                                 "connection", "transfer-encoding"))
 _END = object()
@@ -63,8 +63,8 @@ def response_metadata(headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """The ``response_headers`` result as gRPC metadata; names gRPC cannot carry are dropped."""
     metadata = []
     for name, value in headers.items():
-        if (not _METADATA_KEY.match(name) or name.endswith("-bin") or name.startswith("grpc-")
-                or name in _TRANSPORT_HEADERS or not _METADATA_VALUE.match(value)):
+        if (not _METADATA_KEY.fullmatch(name) or name.endswith("-bin") or name.startswith("grpc-")
+                or name in _TRANSPORT_HEADERS or not _METADATA_VALUE.fullmatch(value)):
             log.warning("event=extension_response_header_dropped transport=grpc header=%r", name)
             continue
         metadata.append((name, value))

@@ -13,11 +13,11 @@ from app.errors import BadRequest
 from app.reapi.compression import IDENTITY, compressor_from_name
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from app.storage.content_digests import BLAKE3, EMPTY_HASHES, SHA256
-from app.storage.keys import parse_decimal, validate_component
+from app.storage.keys import is_hex64, parse_decimal, validate_component
 
 DEFAULT_NAMESPACE = "default"
 MAX_INT64 = 2**63 - 1  # Digest.size_bytes is an int64
-_UUID_LIKE = re.compile(r"^[0-9A-Za-z_.\-]{1,128}$")
+_UUID_LIKE = re.compile(r"[0-9A-Za-z_.\-]{1,128}")
 # Path segments REAPI reserves: an instance name never contains them, so they anchor the parse.
 _RESERVED_SEGMENTS = frozenset(
     ("blobs", "uploads", "actions", "actionResults", "operations", "capabilities", "compressed-blobs"))
@@ -88,18 +88,6 @@ def parse_digest(digest: re_pb2.Digest | None, what: str = "digest",
     if digest is None:
         raise BadRequest(f"Missing {what}")
     return digest_from_parts(digest.hash, digest.size_bytes, what, function)
-
-
-def is_hex64(text: str) -> bool:
-    """64 hex digits (either case) and nothing else. Faster than a regex, and unlike
-    ``^...$`` it does not let a trailing newline through; 64 characters decode to 32
-    bytes only if none of them is the whitespace ``fromhex`` skips."""
-    if len(text) != 64:
-        return False
-    try:
-        return len(bytes.fromhex(text)) == 32
-    except ValueError:
-        return False
 
 
 def digest_from_parts(hash_hex: str, size: int | str, what: str = "digest",
@@ -222,7 +210,7 @@ def parse_write_resource(resource: str) -> WriteResource:
     or the same with ``compressed-blobs/{compressor}/`` in place of ``blobs/``."""
     parts = _checked_parts(resource)
     instance, tail = _split_at(parts, "uploads")
-    if len(tail) < 2 or not _UUID_LIKE.match(tail[1]):
+    if len(tail) < 2 or not _UUID_LIKE.fullmatch(tail[1]):
         raise BadRequest(f"Invalid resource name {resource[:200]!r}: expected uploads/{{uuid}}/")
     digest, compressor, _metadata = _blob_tail(tail[2:], resource)
     return WriteResource(namespace_for(instance), tail[1], digest, compressor)

@@ -42,7 +42,7 @@ BATCH = 500
 HOT_TRACKING_FRACTION = 0.75
 MIN_FREE_BYTES = 2 * 1024 ** 3  # or 5 % of the filesystem, whichever is smaller
 MAX_ATTEMPTS = 3
-_SEGMENT_FILE = re.compile(r"^([0-9a-f]{16})\.seg$")
+_SEGMENT_FILE = re.compile(r"([0-9a-f]{16})\.seg")
 
 
 class Evictor:
@@ -309,7 +309,7 @@ class Evictor:
         directory = self.store.segments_dir
         names = {}
         for entry in os.scandir(directory):
-            match = _SEGMENT_FILE.match(entry.name)
+            match = _SEGMENT_FILE.fullmatch(entry.name)
             if match:
                 names[int(match.group(1), 16)] = entry.path
         with self.store.env.begin() as txn:

@@ -10,7 +10,6 @@ from app.errors import BadRequest
 PRODUCERS = ("xcode", "gradle", "module", "reapi", "nx", "metro", "turbo", "bazel")
 MAX_KEY_BYTES = 1024
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # ASCII digits only: str.isdigit() also accepts "²" or "٣", which int() then refuses or reads.
 _DECIMAL = re.compile(r"[0-9]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -52,9 +51,21 @@ def validate_component(value: str, what: str, *, allow_slash: bool = False,
     return value
 
 
+def is_hex64(text: str) -> bool:
+    """64 hex digits (either case) and nothing else. Faster than a regex, and unlike
+    ``^...$`` it does not let a trailing newline through; 64 characters decode to 32
+    bytes only if none of them is the whitespace ``fromhex`` skips."""
+    if len(text) != 64:
+        return False
+    try:
+        return len(bytes.fromhex(text)) == 32
+    except ValueError:
+        return False
+
+
 def validate_sha256_hex(value: str, what: str = "digest") -> str:
     value = value.lower()
-    if not _HEX64.match(value):
+    if not is_hex64(value):
         raise BadRequest(f"Invalid {what}: expected 64 hex characters")
     return value
 

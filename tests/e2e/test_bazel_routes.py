@@ -71,6 +71,7 @@ def test_the_empty_blob(bazel_node: MeshNode) -> None:
     ("/cas/abc", "Invalid sha256: expected 64 hex characters"),
     (f"/cas/{'g' * 64}", "Invalid sha256: expected 64 hex characters"),
     (f"/ac/{'a' * 65}", "Invalid sha256: expected 64 hex characters"),
+    (f"/ac/{'a' * 64}%0A", "Invalid sha256: expected 64 hex characters"),  # passed `^...$`
     (f"/%2E%2E/ac/{'a' * 64}", "Invalid namespace_id: path traversal is not allowed"),
 ])
 def test_bad_names_are_400(bazel_node: MeshNode, path: str, message: str) -> None:
