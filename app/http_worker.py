@@ -4,7 +4,8 @@
    small reads; here a file response is sent with ``os.sendfile`` on the
    non-blocking socket, waiting cooperatively for writability on EAGAIN, for
    exactly Content-Length bytes from the file's current offset.
-   Plain artifact hits skip Flask entirely (``app.http.fast_reads``).
+   Plain artifact hits skip Flask entirely (``app.http.fast_reads``), and their request
+   heads skip gunicorn's parser (``app.http1_parser``).
 2. Fairness. The worker yields to other greenlets between two requests of one
    keep-alive connection, so one busy connection cannot starve the others.
 3. Errors raised below Flask (over-long request line, bad headers, broken chunked
