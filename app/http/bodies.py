@@ -64,9 +64,7 @@ def read_body_chunk(stream: Any, size: int) -> bytes:
 
 def read_document(limit: int, too_large: str) -> bytes:
     """The request body whole, at most ``limit`` bytes (``TooLarge(too_large)`` beyond)."""
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise TooLarge(too_large)
+    declared = _declared_length(limit, too_large)
     raw = read_body_chunk(request.stream, limit + 1)
     if len(raw) > limit:
         raise TooLarge(too_large)

@@ -25,7 +25,7 @@ from app.reapi.errors import status_for
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from app.reapi.gen.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from app.reapi.gen.google.rpc import status_pb2
-from app.storage.content_digests import new_hasher
+from app.storage.content_digests import hexdigest
 from app.storage.keys import parse_decimal
 
 DEFAULT_TREE_PAGE_SIZE = 1000
@@ -234,9 +234,7 @@ def _decoded(compressor: int, data: bytes, digest: BlobDigest) -> bytes:
 def _matches(data: bytes, digest: BlobDigest) -> bool:
     if len(data) != digest.size:
         return False
-    hasher = new_hasher(digest.function)
-    hasher.update(data)
-    return hasher.hexdigest() == digest.hash
+    return hexdigest(digest.function, data) == digest.hash
 
 
 def _parse_page_token(token: str) -> int:

@@ -113,9 +113,9 @@ class GroupCommit:
                 if batch:
                     segment_syncs, lmdb_syncs = self._offload(self._make_durable, batch)  # type: ignore[misc]
                     if segment_syncs:
-                        metrics.STORAGE_SYNCS.labels("segment").inc(segment_syncs)
+                        metrics.child(metrics.STORAGE_SYNCS, "segment").inc(segment_syncs)
                     if lmdb_syncs:
-                        metrics.STORAGE_SYNCS.labels("lmdb").inc(lmdb_syncs)
+                        metrics.child(metrics.STORAGE_SYNCS, "lmdb").inc(lmdb_syncs)
         finally:
             for request in batch:
                 if not request.done:  # this greenlet was interrupted (a timeout, a kill)

@@ -68,6 +68,64 @@ def test_128_concurrent_streams_on_one_connection(node) -> None:
         client.close()
 
 
+class _CountingSocket:
+    """The server side of a socketpair that keeps what each ``sendall`` wrote."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.writes: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self._sock.sendall(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+def test_small_answers_to_a_batch_of_streams_leave_in_one_write() -> None:
+    """``KuraHTTP2Connection.send_small_response``: the answers to a batch are held (gunicorn
+    wrote HEADERS and DATA of every stream as it went) and leave in ONE write, before the
+    connection next reads from the peer."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    from gunicorn.config import Config
+
+    from app.http2_connection import KuraHTTP2Connection
+
+    server_sock, client_sock = socket.socketpair()
+    try:
+        server = _CountingSocket(server_sock)
+        conn = KuraHTTP2Connection(Config(), server, ("127.0.0.1", 1))
+        conn.initiate_connection()
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        for _ in range(8):
+            client.send_headers(client.get_next_available_stream_id(),
+                                [(":method", "GET"), (":path", "/x"), (":scheme", "http"),
+                                 (":authority", "kura")], end_stream=True)
+        client_sock.sendall(client.data_to_send())
+        batch: list = []
+        while len(batch) < 8:
+            batch += conn.receive_data()
+        held_from = len(server.writes)
+        for req in batch:
+            stream_id = req.stream.stream_id
+            assert conn.send_small_response(stream_id, 200, [("content-length", "5")], b"hello")
+            conn.cleanup_stream(stream_id)
+        assert len(server.writes) == held_from  # nothing written while the batch is answered
+        client.ping(b"12345678")
+        client_sock.sendall(client.data_to_send())
+        conn.receive_data()  # the next read: what was held leaves first, in one write
+        ended = [e.stream_id for e in client.receive_data(server.writes[held_from])
+                 if isinstance(e, h2.events.StreamEnded)]
+        assert sorted(ended) == sorted(req.stream.stream_id for req in batch)
+    finally:
+        server_sock.close()
+        client_sock.close()
+
+
 def test_answers_held_for_a_batch_never_wait_on_a_small_window(node) -> None:
     """Small answers to a batch of streams are held and written together
     (``KuraHTTP2Connection.send_small_response``). A client whose windows are smaller than

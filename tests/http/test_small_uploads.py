@@ -50,3 +50,19 @@ def test_bodies_on_both_sides_of_the_small_upload_limit_round_trip(client, size:
     assert r.status_code == 200 and r.data == body
     assert client.put(f"/api/cache/gradle/k{size}" + T, data=body[::-1]).status_code == 200
     assert client.get(f"/api/cache/gradle/k{size}" + T).data == body[::-1]
+
+
+def test_a_real_node_takes_small_uploads_past_a_budget_too_small_to_stage_them(node_factory) -> None:
+    """The same on a node (two HTTP workers, each with its own view of the budget): every
+    worker stores small uploads from memory and still refuses a body it would have to stage."""
+    import requests
+
+    node = node_factory(KURA_TMP_DIR_MAX_BYTES=str(512 * 1024), KURA_HTTP_WORKERS="2")
+    body = b"s" * 4096
+    with requests.Session() as one, requests.Session() as other:  # two keep-alive connections
+        for n in range(20):
+            session = one if n % 2 else other
+            assert session.put(f"{node.url}/api/cache/gradle/s{n}" + T, data=body).status_code == 201
+            assert requests.get(f"{node.url}/api/cache/gradle/s{n}" + T).content == body
+    r = requests.put(f"{node.url}/api/cache/gradle/big" + T, data=b"b" * (SMALL_UPLOAD_BYTES + 1))
+    assert r.status_code == 429 and "KURA_TMP_DIR_MAX_BYTES" in r.json()["message"]
