@@ -8,6 +8,7 @@ the size the digest announces (a zstd bomb stops there).
 """
 from __future__ import annotations
 
+import threading
 from typing import Iterable, Iterator, Protocol
 
 import zstandard
@@ -109,9 +110,17 @@ def decompress_bounded(data: bytes, limit: int) -> bytes:
     return b"".join(buffer.parts)
 
 
+# One compressor per thread (a ZstdCompressor is not for concurrent use), kept: a batch
+# read compresses up to a thousand small blobs, and making one cost more than using it.
+_per_thread = threading.local()
+
+
 def compress(data: bytes) -> bytes:
     """A small blob (a batch entry) as one zstd frame."""
-    return zstandard.ZstdCompressor(level=READ_LEVEL).compress(data)
+    compressor = getattr(_per_thread, "compressor", None)
+    if compressor is None:
+        compressor = _per_thread.compressor = zstandard.ZstdCompressor(level=READ_LEVEL)
+    return compressor.compress(data)
 
 
 def compress_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
